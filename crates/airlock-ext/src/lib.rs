@@ -1,1 +1,142 @@
-use pgrx::prelude::*; ::pgrx::pg_module_magic!();
+//! `airlock`, the PostgreSQL extension.
+//!
+//! It owns the SQL surface and every decision about who may run what: the server switch
+//! (`airlock.enabled`), the `airlock_script_executor` role, the input query run through
+//! SPI as the calling role, and the conversion of the script's output to the caller's
+//! column definition list. It never forks, never runs user code, and never blocks where
+//! a cancel cannot reach it; sandboxes belong to the daemon `airlockd`.
+
+use pgrx::prelude::*;
+
+mod call;
+mod channel;
+mod convert;
+mod error;
+mod gucs;
+
+::pgrx::pg_module_magic!();
+
+extension_sql!(
+    r#"
+-- The right to run scripts (SQL Server's EXECUTE ANY EXTERNAL SCRIPT). Roles are
+-- cluster-wide, so the role may already exist from another database.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'airlock_script_executor') THEN
+        CREATE ROLE airlock_script_executor NOLOGIN;
+    END IF;
+END
+$$;
+COMMENT ON SCHEMA airlock IS 'Airlock: sandboxed scripts next to your data';
+"#,
+    name = "bootstrap",
+    bootstrap
+);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    gucs::init();
+    // SAFETY: called once at library load; the prefix is a static C string.
+    unsafe { pg_sys::MarkGUCPrefixReserved(c"airlock".as_ptr()) };
+}
+
+/// Runs a script in a sandbox and returns its output frame as rows.
+#[pg_extern(sql = r#"
+CREATE FUNCTION airlock.execute_external_script(
+    language text,
+    script text,
+    input_data_1 text DEFAULT NULL,
+    input_data_1_name text DEFAULT 'InputDataSet',
+    output_data_1_name text DEFAULT 'OutputDataSet'
+) RETURNS SETOF record
+VOLATILE CALLED ON NULL INPUT PARALLEL UNSAFE
+LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
+COMMENT ON FUNCTION airlock.execute_external_script(text, text, text, text, text) IS
+    'Runs a script in a sandbox; its output data frame comes back as rows';
+"#)]
+fn execute_external_script(
+    language: Option<&str>,
+    script: Option<&str>,
+    input_data_1: Option<&str>,
+    input_data_1_name: Option<&str>,
+    output_data_1_name: Option<&str>,
+    fcinfo: pg_sys::FunctionCallInfo,
+) {
+    // SAFETY: fcinfo is this function's own call info, passed by pgrx.
+    unsafe {
+        call::execute(
+            fcinfo,
+            call::CallArgs {
+                language,
+                script,
+                input_query: input_data_1,
+                input_name: input_data_1_name,
+                output_name: output_data_1_name,
+            },
+        )
+    }
+}
+
+/// The same function under SQL Server's name.
+#[pg_extern(sql = r#"
+CREATE FUNCTION airlock.sp_execute_external_script(
+    language text,
+    script text,
+    input_data_1 text DEFAULT NULL,
+    input_data_1_name text DEFAULT 'InputDataSet',
+    output_data_1_name text DEFAULT 'OutputDataSet'
+) RETURNS SETOF record
+VOLATILE CALLED ON NULL INPUT PARALLEL UNSAFE
+LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
+COMMENT ON FUNCTION airlock.sp_execute_external_script(text, text, text, text, text) IS
+    'Alias of airlock.execute_external_script, for people coming from SQL Server';
+"#, requires = [execute_external_script])]
+fn sp_execute_external_script(
+    language: Option<&str>,
+    script: Option<&str>,
+    input_data_1: Option<&str>,
+    input_data_1_name: Option<&str>,
+    output_data_1_name: Option<&str>,
+    fcinfo: pg_sys::FunctionCallInfo,
+) {
+    execute_external_script(
+        language,
+        script,
+        input_data_1,
+        input_data_1_name,
+        output_data_1_name,
+        fcinfo,
+    )
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    #[pg_test]
+    fn switch_off_is_an_error_naming_the_fix() {
+        let err = std::panic::catch_unwind(|| {
+            Spi::run("SELECT * FROM airlock.execute_external_script('python', 'x=1') AS r(a int)")
+        });
+        assert!(err.is_err());
+    }
+
+    #[pg_test]
+    fn executor_role_exists() {
+        let n = Spi::get_one::<i64>(
+            "SELECT count(*) FROM pg_roles WHERE rolname = 'airlock_script_executor'",
+        );
+        assert_eq!(n, Ok(Some(1)));
+    }
+}
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![]
+    }
+}

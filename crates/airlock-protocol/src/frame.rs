@@ -75,6 +75,32 @@ pub fn encode_arrow(ipc: &[u8]) -> Result<Vec<u8>, ProtocolError> {
     encode(FrameKind::Arrow, ipc)
 }
 
+/// Starts a frame in place: returns a buffer holding a placeholder header, to which the
+/// caller appends the payload (for example an Arrow IPC writer writing into it) before
+/// calling [`finish_frame`]. Saves copying large payloads.
+pub fn begin_frame(kind: FrameKind, capacity: usize) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(HEADER_LEN + 1 + capacity);
+    buf.extend_from_slice(&[0, 0, 0, 0, kind as u8]);
+    buf
+}
+
+/// Completes a frame started with [`begin_frame`] by writing its length prefix.
+pub fn finish_frame(buf: &mut [u8]) -> Result<(), ProtocolError> {
+    if buf.len() <= HEADER_LEN {
+        return Err(ProtocolError::EmptyFrame);
+    }
+    let len = buf.len() - HEADER_LEN;
+    if len > MAX_FRAME_LEN {
+        return Err(ProtocolError::FrameTooLarge {
+            len,
+            max: MAX_FRAME_LEN,
+        });
+    }
+    // Checked above: len fits in u32.
+    buf[..HEADER_LEN].copy_from_slice(&(len as u32).to_le_bytes());
+    Ok(())
+}
+
 /// Decodes a control payload.
 pub fn decode_control<T: DeserializeOwned>(payload: &[u8]) -> Result<T, ProtocolError> {
     Ok(serde_json::from_slice(payload)?)
@@ -183,6 +209,14 @@ mod tests {
         assert_eq!(frames[1].kind, FrameKind::Arrow);
         assert_eq!(frames[1].payload, b"arrow bytes");
         assert_eq!(dec.buffered(), 0);
+    }
+
+    #[test]
+    fn in_place_frame_matches_encoded_frame() {
+        let mut buf = begin_frame(FrameKind::Arrow, 3);
+        buf.extend_from_slice(b"abc");
+        finish_frame(&mut buf).unwrap();
+        assert_eq!(buf, encode_arrow(b"abc").unwrap());
     }
 
     #[test]

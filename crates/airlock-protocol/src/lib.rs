@@ -20,7 +20,10 @@ pub mod data;
 pub mod frame;
 pub mod spawner;
 
-pub use frame::{decode_control, encode_arrow, encode_control, Frame, FrameDecoder, FrameKind};
+pub use frame::{
+    begin_frame, decode_control, encode_arrow, encode_control, finish_frame, Frame, FrameDecoder,
+    FrameKind,
+};
 
 /// Version of the protocol spoken by this build. Both hellos carry it; a peer with a
 /// different version is refused with [`control::Reply::Refused`].

@@ -1,1 +1,14 @@
+//! `airlockd`, Airlock's launcher daemon.
+//!
+//! It owns everything privileged: it listens on a Unix socket that only the Postgres
+//! server's uid may use (SO_PEERCRED, no passwords), allocates a worker identity and a
+//! session folder per call, asks its single-threaded spawner helper for a sandbox, hands
+//! the backend its end of the data socket, and kills the sandbox on timeout or when the
+//! backend hangs up. It never decides who may run what: the extension did that.
 
+pub mod config;
+pub mod runtime;
+pub mod server;
+pub mod session;
+pub mod spawner;
+mod sys;

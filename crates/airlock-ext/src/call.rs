@@ -1,0 +1,556 @@
+//! One call of `execute_external_script`, from the permission check to the last row.
+//!
+//! ```text
+//! check switch, role, language ─► plan output columns ─► open the input cursor (SPI,
+//! as the calling role) ─► airlockd: hello, execute ─► Started + data fd ─► runtime:
+//! start, input batches, input_end ─► read prints, output batches, done ─► airlockd: ended
+//! ```
+//! Every wait is interruptible (see `channel`), and every early exit drops both sockets,
+//! which makes the daemon kill the sandbox.
+
+use std::{
+    ffi::{CStr, CString},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use airlock_protocol::{
+    control::{Caller, Language, Outcome, Reply, Request},
+    data::{ErrorPhase, FromRuntime, ToRuntime},
+    encode_control, FrameKind, PROTOCOL_VERSION,
+};
+use pgrx::pg_sys;
+use sha2::{Digest, Sha256};
+
+use crate::{
+    channel::{Channel, Peer},
+    convert::{InputEncoder, OutputDecoder},
+    error::CallError,
+    gucs,
+};
+
+/// The name of the role that grants the right to run scripts.
+pub const EXECUTOR_ROLE: &CStr = c"airlock_script_executor";
+
+/// How long to wait for the daemon's final word once the runtime is done.
+const ENDED_WAIT: Duration = Duration::from_secs(10);
+
+/// Flush an input batch early once it holds this much text.
+const BATCH_TEXT_BYTES: usize = 64 << 20;
+
+/// The SQL arguments of one call.
+pub struct CallArgs<'a> {
+    pub language: Option<&'a str>,
+    pub script: Option<&'a str>,
+    pub input_query: Option<&'a str>,
+    pub input_name: Option<&'a str>,
+    pub output_name: Option<&'a str>,
+}
+
+/// Runs one call and fills the function's result set (materialize mode).
+///
+/// # Safety
+/// `fcinfo` must be the FunctionCallInfo of the SQL function being executed.
+pub unsafe fn execute(fcinfo: pg_sys::FunctionCallInfo, args: CallArgs<'_>) {
+    // SAFETY: forwarded from the caller.
+    if let Err(e) = unsafe { run(fcinfo, args) } {
+        e.report();
+    }
+}
+
+fn current_role_name() -> String {
+    // SAFETY: GetUserId and GetUserNameFromId(noerr = false) are valid in any
+    // transaction; the result is a palloc'd NUL-terminated string.
+    unsafe {
+        let name = pg_sys::GetUserNameFromId(pg_sys::GetUserId(), false);
+        CStr::from_ptr(name).to_string_lossy().into_owned()
+    }
+}
+
+fn current_database_name() -> String {
+    // SAFETY: MyDatabaseId is set for every backend running SQL; get_database_name
+    // returns a palloc'd string or NULL if the database vanished.
+    unsafe {
+        let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);
+        if name.is_null() {
+            String::new()
+        } else {
+            CStr::from_ptr(name).to_string_lossy().into_owned()
+        }
+    }
+}
+
+/// Superusers may always run scripts; anyone else needs the privileges of
+/// airlock_script_executor. The effective role is checked, so SECURITY DEFINER wrappers
+/// behave as everywhere else in Postgres.
+fn check_permission() -> Result<(), CallError> {
+    // SAFETY: plain catalog lookups on the current user; missing_ok = true returns
+    // InvalidOid if the role was dropped instead of raising.
+    let allowed = unsafe {
+        let user = pg_sys::GetUserId();
+        if pg_sys::superuser_arg(user) {
+            true
+        } else {
+            let role = pg_sys::get_role_oid(EXECUTOR_ROLE.as_ptr(), true);
+            role != pg_sys::Oid::INVALID && pg_sys::has_privs_of_role(user, role)
+        }
+    };
+    if allowed {
+        Ok(())
+    } else {
+        Err(CallError::PermissionDenied {
+            role: current_role_name(),
+        })
+    }
+}
+
+fn check_encoding() -> Result<(), CallError> {
+    // SAFETY: reading the database encoding has no preconditions.
+    let enc = unsafe { pg_sys::GetDatabaseEncoding() };
+    if enc == pg_sys::pg_enc::PG_UTF8 as i32 {
+        Ok(())
+    } else {
+        // SAFETY: as above; the name is a static string.
+        let name = unsafe { CStr::from_ptr(pg_sys::GetDatabaseEncodingName()) };
+        Err(CallError::NotUtf8Database {
+            encoding: name.to_string_lossy().into_owned(),
+        })
+    }
+}
+
+/// The materialize-mode plumbing of a set-returning function.
+struct ResultSet {
+    rsinfo: *mut pg_sys::ReturnSetInfo,
+    tupdesc: pg_sys::TupleDesc,
+    tupstore: *mut pg_sys::Tuplestorestate,
+}
+
+impl ResultSet {
+    /// # Safety
+    /// `fcinfo` must be valid.
+    unsafe fn new(fcinfo: pg_sys::FunctionCallInfo) -> Result<ResultSet, CallError> {
+        // SAFETY: per the caller fcinfo is valid; resultinfo is either NULL or a
+        // ReturnSetInfo node when called in a set context.
+        unsafe {
+            let rsinfo = (*fcinfo).resultinfo as *mut pg_sys::ReturnSetInfo;
+            if rsinfo.is_null()
+                || (*rsinfo).type_ != pg_sys::NodeTag::T_ReturnSetInfo
+                || ((*rsinfo).allowedModes & pg_sys::SetFunctionReturnMode::SFRM_Materialize as i32) == 0
+                || (*rsinfo).expectedDesc.is_null()
+            {
+                return Err(CallError::NoColumnDefinitionList);
+            }
+            // The tuplestore and its descriptor must outlive this call: allocate them in
+            // the per-query context.
+            let per_query = (*(*rsinfo).econtext).ecxt_per_query_memory;
+            let old = pg_sys::CurrentMemoryContext;
+            pg_sys::CurrentMemoryContext = per_query;
+            let tupdesc = pg_sys::CreateTupleDescCopy((*rsinfo).expectedDesc);
+            let random = ((*rsinfo).allowedModes
+                & pg_sys::SetFunctionReturnMode::SFRM_Materialize_Random as i32)
+                != 0;
+            let tupstore = pg_sys::tuplestore_begin_heap(random, false, pg_sys::work_mem);
+            pg_sys::CurrentMemoryContext = old;
+            Ok(ResultSet {
+                rsinfo,
+                tupdesc,
+                tupstore,
+            })
+        }
+    }
+
+    fn finish(self) {
+        // SAFETY: rsinfo was checked in new() and lives for the whole call.
+        unsafe {
+            (*self.rsinfo).returnMode = pg_sys::SetFunctionReturnMode::SFRM_Materialize;
+            (*self.rsinfo).setResult = self.tupstore;
+            (*self.rsinfo).setDesc = self.tupdesc;
+        }
+    }
+}
+
+/// The input query, open as a cursor inside an SPI connection.
+struct Input {
+    portal: pg_sys::Portal,
+    encoder: InputEncoder,
+}
+
+impl Input {
+    /// Plans and opens `query` as the current role. Errors in the query (syntax,
+    /// permissions, row-level security) are raised by Postgres itself, before any sandbox
+    /// exists.
+    fn open(query: &str) -> Result<Input, CallError> {
+        let q = CString::new(query).map_err(|_| CallError::Protocol {
+            peer: Peer::Runtime,
+            message: "the input query contains a NUL character".into(),
+        })?;
+        // SAFETY: SPI is connected by the caller; q is NUL-terminated; the planned
+        // statement and portal live until SPI_finish.
+        unsafe {
+            let plan = pg_sys::SPI_prepare_cursor(
+                q.as_ptr(),
+                0,
+                std::ptr::null_mut(),
+                pg_sys::CURSOR_OPT_NO_SCROLL as i32,
+            );
+            if plan.is_null() {
+                return Err(CallError::Protocol {
+                    peer: Peer::Runtime,
+                    message: format!("SPI_prepare_cursor failed: {}", std::ptr::addr_of!(pg_sys::SPI_result).read()),
+                });
+            }
+            let portal = pg_sys::SPI_cursor_open(
+                std::ptr::null(),
+                plan,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                false,
+            );
+            let encoder = InputEncoder::new((*portal).tupDesc)?;
+            Ok(Input { portal, encoder })
+        }
+    }
+
+    /// Streams every row to the runtime, `batch_rows` at a time.
+    fn stream(&mut self, data: &mut Channel, batch_rows: i64) -> Result<u64, CallError> {
+        let mut total = 0u64;
+        let mut sent_any = false;
+        // Detoasted copies of each batch's values live in this context, reset per batch.
+        let mut batch_cx = pgrx::PgMemoryContexts::new("airlock input batch");
+        loop {
+            // SAFETY: the portal is open; SPI_cursor_fetch sets SPI_tuptable and
+            // SPI_processed, which we read and then free.
+            let (done, frame) = unsafe {
+                pg_sys::SPI_cursor_fetch(self.portal, true, batch_rows as _);
+                let n = pg_sys::SPI_processed;
+                let tt = pg_sys::SPI_tuptable;
+                let encoder = &mut self.encoder;
+                let mut frame = None;
+                batch_cx.switch_to(|_| -> Result<(), CallError> {
+                    if n > 0 && !tt.is_null() {
+                        let vals = std::slice::from_raw_parts((*tt).vals, n as usize);
+                        for &tuple in vals {
+                            encoder.append(tuple, (*tt).tupdesc);
+                            if encoder.text_bytes() >= BATCH_TEXT_BYTES {
+                                // Huge text values: ship what we have before going on.
+                                let f = encoder.finish_frame()?;
+                                frame.get_or_insert_with(Vec::new).push(f);
+                            }
+                        }
+                    }
+                    Ok(())
+                })?;
+                if !tt.is_null() {
+                    pg_sys::SPI_freetuptable(tt);
+                }
+                total += n;
+                let done = n < batch_rows as u64;
+                if self.encoder.rows() > 0 || (done && !sent_any && frame.is_none()) {
+                    // The last batch may be empty: it still carries the schema.
+                    let f = batch_cx.switch_to(|_| self.encoder.finish_frame())?;
+                    frame.get_or_insert_with(Vec::new).push(f);
+                }
+                (done, frame)
+            };
+            for f in frame.into_iter().flatten() {
+                data.send(&f, None)?;
+                sent_any = true;
+            }
+            // SAFETY: nothing allocated in batch_cx outlives this iteration: the frame
+            // bytes are Rust-owned and the tuple table was freed above.
+            unsafe { batch_cx.reset() };
+            if done {
+                return Ok(total);
+            }
+        }
+    }
+
+    fn close(self) {
+        // SAFETY: the portal is open and owned by this SPI connection.
+        unsafe { pg_sys::SPI_cursor_close(self.portal) };
+    }
+}
+
+/// The daemon's side of the call: hello, execute, and the data socket it hands back.
+struct Session {
+    control: Channel,
+    data: Channel,
+    wall_limit_ms: u64,
+}
+
+fn start_session(language: Language, script: &str) -> Result<Session, CallError> {
+    let path = PathBuf::from(gucs::socket_path());
+    let deadline = Instant::now() + Duration::from_millis(gucs::CONNECT_TIMEOUT_MS.get() as u64);
+    let mut control = Channel::connect(&path, deadline)?;
+    let hello = Request::Hello {
+        version: PROTOCOL_VERSION,
+        client: concat!("airlock extension ", env!("CARGO_PKG_VERSION")).into(),
+    };
+    control.send(&encode(&hello)?, Some(deadline))?;
+    match recv_reply(&mut control, Some(deadline))? {
+        Reply::Hello { .. } => {}
+        Reply::Refused { reason, message } => return Err(CallError::Refused { reason, message }),
+        other => return Err(unexpected(Peer::Daemon, &other)),
+    }
+    let digest = Sha256::digest(script.as_bytes());
+    let script_sha256 = digest.iter().map(|b| format!("{b:02x}")).collect();
+    // SAFETY: MyProcPid is set at backend start.
+    let backend_pid = unsafe { pg_sys::MyProcPid };
+    let execute = Request::Execute {
+        language,
+        caller: Caller {
+            database: current_database_name(),
+            role: current_role_name(),
+            backend_pid,
+        },
+        script_sha256,
+    };
+    control.send(&encode(&execute)?, Some(deadline))?;
+    match recv_reply(&mut control, Some(deadline))? {
+        Reply::Started { wall_limit_ms, .. } => {
+            let fd = control.take_fd().ok_or_else(|| CallError::Protocol {
+                peer: Peer::Daemon,
+                message: "started without a data socket".into(),
+            })?;
+            Ok(Session {
+                control,
+                data: Channel::from_owned(fd, Peer::Runtime),
+                wall_limit_ms,
+            })
+        }
+        Reply::Refused { reason, message } => Err(CallError::Refused { reason, message }),
+        other => Err(unexpected(Peer::Daemon, &other)),
+    }
+}
+
+fn encode<T: serde::Serialize>(msg: &T) -> Result<Vec<u8>, CallError> {
+    encode_control(msg).map_err(|e| CallError::Protocol {
+        peer: Peer::Daemon,
+        message: e.to_string(),
+    })
+}
+
+fn unexpected(peer: Peer, what: &dyn std::fmt::Debug) -> CallError {
+    CallError::Protocol {
+        peer,
+        message: format!("unexpected message {what:?}"),
+    }
+}
+
+fn recv_reply(control: &mut Channel, deadline: Option<Instant>) -> Result<Reply, CallError> {
+    let frame = control
+        .recv(deadline)?
+        .ok_or(CallError::PeerGone { peer: Peer::Daemon })?;
+    frame.control().map_err(|e| CallError::Protocol {
+        peer: Peer::Daemon,
+        message: e.to_string(),
+    })
+}
+
+/// The daemon's final word on how the sandbox ended.
+fn ended(control: &mut Channel) -> Result<Outcome, CallError> {
+    match recv_reply(control, Some(Instant::now() + ENDED_WAIT))? {
+        Reply::Ended { outcome } => Ok(outcome),
+        other => Err(unexpected(Peer::Daemon, &other)),
+    }
+}
+
+/// Turns an outcome other than a clean exit into the error the user should see.
+fn outcome_error(outcome: Outcome, wall_limit_ms: u64) -> CallError {
+    match outcome {
+        Outcome::TimedOut { limit_ms } => CallError::TimedOut { limit_ms },
+        Outcome::Exited { code } => CallError::RuntimeDied {
+            how: format!("it exited with status {code}"),
+        },
+        Outcome::Signaled { signal } => CallError::RuntimeDied {
+            how: format!("it was killed by signal {signal}"),
+        },
+        Outcome::Cancelled => CallError::TimedOut {
+            limit_ms: wall_limit_ms,
+        },
+    }
+}
+
+/// Relays printed output as NOTICEs, up to the configured limit.
+struct Printer {
+    limit: usize,
+    shown: usize,
+    dropped: usize,
+}
+
+impl Printer {
+    fn print(&mut self, text: &str) {
+        let text = text.strip_suffix('\n').unwrap_or(text);
+        if self.shown + text.len() > self.limit {
+            self.dropped += text.len();
+            return;
+        }
+        self.shown += text.len();
+        pgrx::notice!("{text}");
+    }
+
+    fn finish(&self) {
+        if self.dropped > 0 {
+            pgrx::notice!(
+                "[airlock: {} more bytes of output not shown; airlock.max_print_bytes is {}]",
+                self.dropped,
+                self.limit
+            );
+        }
+    }
+}
+
+/// # Safety
+/// `fcinfo` must be valid.
+unsafe fn run(fcinfo: pg_sys::FunctionCallInfo, args: CallArgs<'_>) -> Result<(), CallError> {
+    // 1. Is this allowed at all? Switch, role, language: cheapest checks first.
+    if !gucs::ENABLED.get() {
+        return Err(CallError::Disabled);
+    }
+    check_permission()?;
+    let language_name = args.language.unwrap_or("");
+    let language = Language::parse(language_name).ok_or_else(|| CallError::UnknownLanguage {
+        language: language_name.to_owned(),
+    })?;
+    check_encoding()?;
+    let script = args.script.unwrap_or("");
+    let input_name = args.input_name.unwrap_or("InputDataSet");
+    let output_name = args.output_name.unwrap_or("OutputDataSet");
+    let input_query = args.input_query.filter(|q| !q.trim().is_empty());
+
+    // 2. The caller's column definition list decides the output; check it before any
+    //    work is done.
+    // SAFETY: forwarded from the caller.
+    let result = unsafe { ResultSet::new(fcinfo)? };
+    // SAFETY: result.tupdesc is a valid copy of the expected descriptor.
+    let mut output = unsafe { OutputDecoder::new(result.tupdesc)? };
+
+    // 3. Plan the input query as the calling role, before a sandbox exists.
+    // SAFETY: SPI_connect has no preconditions inside a function call; SPI_finish
+    // (below, or transaction abort on error) disconnects.
+    unsafe { pg_sys::SPI_connect() };
+    let mut input = match input_query {
+        Some(q) => Some(Input::open(q)?),
+        None => None,
+    };
+
+    // 4. Ask the daemon for a sandbox.
+    let Session {
+        mut control,
+        mut data,
+        wall_limit_ms,
+    } = start_session(language, script)?;
+
+    // 5. Hand the runtime the script, then the input rows.
+    let batch_rows = gucs::BATCH_ROWS.get().max(1) as i64;
+    let max_print = gucs::MAX_PRINT_BYTES.get().max(0) as usize;
+    let start = ToRuntime::Start {
+        version: PROTOCOL_VERSION,
+        script: script.to_owned(),
+        input_name: input_name.to_owned(),
+        output_name: output_name.to_owned(),
+        has_input: input.is_some(),
+        max_print_bytes: max_print as u64,
+        output_batch_rows: batch_rows as u64,
+    };
+    let sent = (|| -> Result<(), CallError> {
+        data.send(&encode(&start)?, None)?;
+        if let Some(inp) = input.as_mut() {
+            inp.stream(&mut data, batch_rows)?;
+        }
+        data.send(&encode(&ToRuntime::InputEnd)?, None)
+    })();
+    match sent {
+        Ok(()) => {}
+        // The runtime went away while we were sending: the daemon knows why.
+        Err(CallError::PeerGone { .. }) => {
+            return Err(outcome_error(ended(&mut control)?, wall_limit_ms))
+        }
+        Err(e) => return Err(e),
+    }
+    if let Some(inp) = input.take() {
+        inp.close();
+    }
+    // SAFETY: balanced with the SPI_connect above.
+    unsafe { pg_sys::SPI_finish() };
+
+    // 6. Read what the script printed and produced.
+    let mut printer = Printer {
+        limit: max_print,
+        shown: 0,
+        dropped: 0,
+    };
+    let mut rows_out = 0u64;
+    let mut out_cx = pgrx::PgMemoryContexts::new("airlock output batch");
+    loop {
+        let Some(frame) = data.recv(None)? else {
+            // The runtime ended without saying it was done.
+            printer.finish();
+            return Err(outcome_error(ended(&mut control)?, wall_limit_ms));
+        };
+        match frame.kind {
+            FrameKind::Arrow => {
+                let reader = arrow_ipc::reader::StreamReader::try_new(
+                    std::io::Cursor::new(frame.payload),
+                    None,
+                )
+                .map_err(|e| CallError::Protocol {
+                    peer: Peer::Runtime,
+                    message: format!("bad output batch: {e}"),
+                })?;
+                output.check_schema(&reader.schema())?;
+                for batch in reader {
+                    let batch = batch.map_err(|e| CallError::Protocol {
+                        peer: Peer::Runtime,
+                        message: format!("bad output batch: {e}"),
+                    })?;
+                    // SAFETY: tupstore/tupdesc belong to this call's result set; the
+                    // Datums made in out_cx are copied by tuplestore_putvalues, so
+                    // resetting it after the batch frees nothing still in use.
+                    unsafe {
+                        out_cx.switch_to(|_| {
+                            output.put_batch(&batch, result.tupstore, result.tupdesc, rows_out)
+                        })?;
+                        out_cx.reset();
+                    }
+                    rows_out += batch.num_rows() as u64;
+                }
+            }
+            FrameKind::Control => {
+                let msg: FromRuntime = frame.control().map_err(|e| CallError::Protocol {
+                    peer: Peer::Runtime,
+                    message: e.to_string(),
+                })?;
+                match msg {
+                    FromRuntime::Print { text } => printer.print(&text),
+                    FromRuntime::ScriptError {
+                        phase,
+                        error_type,
+                        message,
+                        traceback,
+                    } => {
+                        printer.finish();
+                        // Let the daemon see the runtime exit before we fail the call.
+                        let _ = ended(&mut control);
+                        return Err(CallError::Script {
+                            error_type,
+                            message,
+                            traceback,
+                            output_phase: phase == ErrorPhase::Output,
+                        });
+                    }
+                    FromRuntime::Done { .. } => break,
+                }
+            }
+        }
+    }
+    printer.finish();
+
+    // 7. The daemon confirms the sandbox is gone.
+    match ended(&mut control)? {
+        Outcome::Exited { code: 0 } => {}
+        other => return Err(outcome_error(other, wall_limit_ms)),
+    }
+    result.finish();
+    Ok(())
+}

@@ -1,0 +1,268 @@
+//! Interruptible socket I/O for a backend.
+//!
+//! A backend must never block where a cancel or statement_timeout cannot reach it. Every
+//! socket here is nonblocking, and every wait goes through `WaitLatchOrSocket`, so a
+//! pending interrupt wakes the wait and `CHECK_FOR_INTERRUPTS` turns it into the usual
+//! ERROR. Unwinding from that ERROR drops the sockets, which is how the daemon learns the
+//! call was cancelled. This module holds the extension's FFI for waits and fd passing.
+
+use std::{
+    io::{IoSlice, IoSliceMut},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use airlock_protocol::{Frame, FrameDecoder};
+use nix::{
+    cmsg_space,
+    errno::Errno,
+    sys::socket::{
+        connect, recvmsg, sendmsg, socket, AddressFamily, ControlMessageOwned, MsgFlags,
+        SockFlag, SockType, UnixAddr,
+    },
+};
+use pgrx::pg_sys;
+
+use crate::error::CallError;
+
+/// Which peer a channel talks to, for messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    Daemon,
+    Runtime,
+}
+
+impl Peer {
+    pub fn name(self) -> &'static str {
+        match self {
+            Peer::Daemon => "airlockd",
+            Peer::Runtime => "the script's runtime",
+        }
+    }
+}
+
+/// A nonblocking Unix stream socket with frame buffering.
+pub struct Channel {
+    sock: OwnedFd,
+    dec: FrameDecoder,
+    fds: Vec<OwnedFd>,
+    peer: Peer,
+    eof: bool,
+}
+
+/// What a wait ended with.
+enum Ready {
+    Socket,
+    Timeout,
+}
+
+/// Waits until `fd` is readable (or writable), the timeout passes, or an interrupt is
+/// pending, in which case this does not return: CHECK_FOR_INTERRUPTS raises the ERROR.
+fn wait(fd: RawFd, writable: bool, deadline: Option<Instant>) -> Ready {
+    loop {
+        let mut events = pg_sys::WL_LATCH_SET | pg_sys::WL_EXIT_ON_PM_DEATH;
+        events |= if writable {
+            pg_sys::WL_SOCKET_WRITEABLE
+        } else {
+            pg_sys::WL_SOCKET_READABLE
+        };
+        let timeout_ms: i64 = match deadline {
+            Some(d) => {
+                events |= pg_sys::WL_TIMEOUT;
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Ready::Timeout;
+                }
+                left.as_millis().clamp(1, i32::MAX as u128) as i64
+            }
+            None => -1,
+        };
+        // SAFETY: MyLatch is the backend's own latch, set up before any SQL function
+        // runs; `fd` is a socket we own and keep open for the duration of the call.
+        let rc = unsafe {
+            pg_sys::WaitLatchOrSocket(
+                pg_sys::MyLatch,
+                events as i32,
+                fd,
+                timeout_ms as _,
+                pg_sys::PG_WAIT_EXTENSION,
+            )
+        } as u32;
+        if rc & pg_sys::WL_LATCH_SET != 0 {
+            // SAFETY: as above; resetting our own latch before checking for interrupts
+            // is the documented latch protocol.
+            unsafe { pg_sys::ResetLatch(pg_sys::MyLatch) };
+            pgrx::check_for_interrupts!();
+        }
+        if rc & (pg_sys::WL_SOCKET_READABLE | pg_sys::WL_SOCKET_WRITEABLE) != 0 {
+            return Ready::Socket;
+        }
+        if rc & pg_sys::WL_TIMEOUT != 0 {
+            return Ready::Timeout;
+        }
+    }
+}
+
+impl Channel {
+    /// Connects to the daemon's socket at `path`.
+    pub fn connect(path: &Path, deadline: Instant) -> Result<Channel, CallError> {
+        let unavailable = |source: Errno| CallError::DaemonUnavailable {
+            path: path.display().to_string(),
+            source,
+        };
+        let addr = UnixAddr::new(path).map_err(unavailable)?;
+        let sock = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .map_err(unavailable)?;
+        loop {
+            match connect(sock.as_raw_fd(), &addr) {
+                Ok(()) => break,
+                // The listener's backlog is full: wait a little and try again.
+                Err(Errno::EAGAIN) | Err(Errno::EINTR) => {
+                    if Instant::now() >= deadline {
+                        return Err(CallError::DaemonTimeout {
+                            what: "accept the connection",
+                        });
+                    }
+                    let _ = wait(sock.as_raw_fd(), true, Some(Instant::now() + Duration::from_millis(10)));
+                }
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
+        Ok(Channel::from_owned(sock, Peer::Daemon))
+    }
+
+    /// Wraps a connected socket (set nonblocking here).
+    pub fn from_owned(sock: OwnedFd, peer: Peer) -> Channel {
+        let _ = nix::fcntl::fcntl(
+            &sock,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        );
+        Channel {
+            sock,
+            dec: FrameDecoder::new(),
+            fds: Vec::new(),
+            peer,
+            eof: false,
+        }
+    }
+
+    /// Sends all of `bytes`. `Err(PeerGone)` if the peer closed its end.
+    pub fn send(&mut self, bytes: &[u8], deadline: Option<Instant>) -> Result<(), CallError> {
+        let mut sent = 0;
+        while sent < bytes.len() {
+            let iov = [IoSlice::new(&bytes[sent..])];
+            match sendmsg::<()>(
+                self.sock.as_raw_fd(),
+                &iov,
+                &[],
+                MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
+                None,
+            ) {
+                Ok(n) => sent += n,
+                Err(Errno::EAGAIN) | Err(Errno::EINTR) => {
+                    if let Ready::Timeout = wait(self.sock.as_raw_fd(), true, deadline) {
+                        return Err(CallError::PeerTimeout {
+                            peer: self.peer,
+                            what: "accept data",
+                        });
+                    }
+                }
+                Err(Errno::EPIPE) | Err(Errno::ECONNRESET) => {
+                    return Err(CallError::PeerGone { peer: self.peer })
+                }
+                Err(source) => {
+                    return Err(CallError::Io {
+                        peer: self.peer,
+                        source,
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Receives the next frame; `Ok(None)` at end of stream.
+    pub fn recv(&mut self, deadline: Option<Instant>) -> Result<Option<Frame>, CallError> {
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            match self.dec.next_frame() {
+                Ok(Some(frame)) => return Ok(Some(frame)),
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(CallError::Protocol {
+                        peer: self.peer,
+                        message: e.to_string(),
+                    })
+                }
+            }
+            if self.eof {
+                if self.dec.buffered() > 0 {
+                    return Err(CallError::Protocol {
+                        peer: self.peer,
+                        message: "connection closed in the middle of a frame".into(),
+                    });
+                }
+                return Ok(None);
+            }
+            let want = self.dec.wanted().clamp(4096, 64 << 20);
+            if buf.len() < want {
+                buf.resize(want, 0);
+            }
+            match self.recv_some(&mut buf) {
+                Ok(0) => self.eof = true,
+                Ok(n) => self.dec.extend(&buf[..n]),
+                Err(Errno::EAGAIN) | Err(Errno::EINTR) => {
+                    if let Ready::Timeout = wait(self.sock.as_raw_fd(), false, deadline) {
+                        return Err(CallError::PeerTimeout {
+                            peer: self.peer,
+                            what: "answer",
+                        });
+                    }
+                }
+                Err(Errno::ECONNRESET) => self.eof = true,
+                Err(source) => {
+                    return Err(CallError::Io {
+                        peer: self.peer,
+                        source,
+                    })
+                }
+            }
+        }
+    }
+
+    /// Takes the oldest file descriptor received with SCM_RIGHTS.
+    pub fn take_fd(&mut self) -> Option<OwnedFd> {
+        if self.fds.is_empty() {
+            None
+        } else {
+            Some(self.fds.remove(0))
+        }
+    }
+
+    fn recv_some(&mut self, buf: &mut [u8]) -> Result<usize, Errno> {
+        let mut space = cmsg_space!([RawFd; 2]);
+        let mut iov = [IoSliceMut::new(buf)];
+        let msg = recvmsg::<()>(
+            self.sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
+        )?;
+        for cmsg in msg.cmsgs()? {
+            if let ControlMessageOwned::ScmRights(raw) = cmsg {
+                for fd in raw {
+                    // SAFETY: the kernel just installed `fd` in this process for this
+                    // message; nothing else refers to it, so we take ownership.
+                    self.fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                }
+            }
+        }
+        Ok(msg.bytes)
+    }
+}

@@ -1,0 +1,218 @@
+//! Every way a call can fail, and the Postgres ERROR each one becomes.
+//!
+//! Each variant maps to one SQLSTATE and a message a user can act on; DETAIL and HINT
+//! carry the rest. Nothing reaches the client as a panic or a bare "internal error".
+
+use airlock_protocol::control::RefusalKind;
+use nix::errno::Errno;
+use pgrx::{pg_sys::panic::ErrorReport, PgLogLevel, PgSqlErrorCode};
+
+use crate::channel::Peer;
+
+#[derive(Debug)]
+pub enum CallError {
+    /// The server switch is off.
+    Disabled,
+    /// The caller lacks airlock_script_executor.
+    PermissionDenied { role: String },
+    UnknownLanguage { language: String },
+    /// The input query's column has a type the data path cannot carry.
+    UnsupportedInputType { column: usize, name: String, type_name: String },
+    DuplicateInputColumn { name: String, first: usize, second: usize },
+    /// The caller's column definition list has a type the data path cannot return.
+    UnsupportedOutputType { column: usize, name: String, type_name: String },
+    ColumnCount { produced: usize, declared: usize },
+    ColumnType { column: usize, name: String, produced: String, declared: String },
+    ValueOutOfRange { column: usize, name: String, row: u64, value: String, declared: String },
+    InvalidText { column: usize, name: String, row: u64, reason: &'static str },
+    NotUtf8Database { encoding: String },
+    NoColumnDefinitionList,
+    DaemonUnavailable { path: String, source: Errno },
+    DaemonTimeout { what: &'static str },
+    Refused { reason: RefusalKind, message: String },
+    PeerGone { peer: Peer },
+    PeerTimeout { peer: Peer, what: &'static str },
+    Io { peer: Peer, source: Errno },
+    Protocol { peer: Peer, message: String },
+    /// The script raised, or left no usable output.
+    Script { error_type: String, message: String, traceback: String, output_phase: bool },
+    /// The daemon killed the sandbox at the wall-clock limit.
+    TimedOut { limit_ms: u64 },
+    /// The runtime died without finishing.
+    RuntimeDied { how: String },
+}
+
+fn seconds(ms: u64) -> String {
+    if ms % 1000 == 0 {
+        format!("{} s", ms / 1000)
+    } else {
+        format!("{:.1} s", ms as f64 / 1000.0)
+    }
+}
+
+impl CallError {
+    /// Raises this error as a Postgres ERROR. Never returns.
+    pub fn report(self) -> ! {
+        use PgSqlErrorCode::*;
+        let (code, message, detail, hint): (PgSqlErrorCode, String, Option<String>, Option<String>) = match self {
+            CallError::Disabled => (
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                "external scripts are disabled on this server".into(),
+                Some("airlock.enabled is off.".into()),
+                Some("A superuser can enable them with: ALTER SYSTEM SET airlock.enabled = on; SELECT pg_reload_conf();".into()),
+            ),
+            CallError::PermissionDenied { role } => (
+                ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!("permission denied to run external scripts as role \"{role}\""),
+                None,
+                Some("Running scripts needs membership in airlock_script_executor: GRANT airlock_script_executor TO <role>;".into()),
+            ),
+            CallError::UnknownLanguage { language } => (
+                ERRCODE_INVALID_PARAMETER_VALUE,
+                format!("unknown script language \"{language}\""),
+                None,
+                Some(format!(
+                    "Supported languages: {}.",
+                    airlock_protocol::control::Language::ALL
+                        .iter()
+                        .map(|l| l.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )),
+            ),
+            CallError::UnsupportedInputType { column, name, type_name } => (
+                ERRCODE_FEATURE_NOT_SUPPORTED,
+                format!("column {column} (\"{name}\") of the input query has type {type_name}, which airlock cannot pass to a script"),
+                Some(format!("Supported input types: {}.", crate::convert::SUPPORTED_TYPES)),
+                Some("Cast the column to a supported type in the input query.".into()),
+            ),
+            CallError::DuplicateInputColumn { name, first, second } => (
+                ERRCODE_DUPLICATE_COLUMN,
+                format!("the input query returns more than one column named \"{name}\" (columns {first} and {second})"),
+                None,
+                Some("Give each column a distinct name with AS.".into()),
+            ),
+            CallError::UnsupportedOutputType { column, name, type_name } => (
+                ERRCODE_FEATURE_NOT_SUPPORTED,
+                format!("column {column} (\"{name}\") of the column definition list has type {type_name}, which airlock cannot return"),
+                Some(format!("Supported output types: {}.", crate::convert::SUPPORTED_TYPES)),
+                None,
+            ),
+            CallError::ColumnCount { produced, declared } => (
+                ERRCODE_DATATYPE_MISMATCH,
+                format!("the script's output has {produced} column{}, the column definition list declares {declared}", if produced == 1 { "" } else { "s" }),
+                None,
+                None,
+            ),
+            CallError::ColumnType { column, name, produced, declared } => (
+                ERRCODE_DATATYPE_MISMATCH,
+                format!("column {column} (\"{name}\") of the script's output is {produced}, the column definition list says {declared}"),
+                None,
+                Some("Convert the column in the script, or change the column definition list.".into()),
+            ),
+            CallError::ValueOutOfRange { column, name, row, value, declared } => (
+                ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE,
+                format!("value {value} in row {row} of column {column} (\"{name}\") is out of range for {declared}"),
+                None,
+                None,
+            ),
+            CallError::InvalidText { column, name, row, reason } => (
+                ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
+                format!("text in row {row} of column {column} (\"{name}\") {reason}"),
+                None,
+                None,
+            ),
+            CallError::NotUtf8Database { encoding } => (
+                ERRCODE_FEATURE_NOT_SUPPORTED,
+                format!("airlock needs a UTF8 database, this one is {encoding}"),
+                None,
+                None,
+            ),
+            CallError::NoColumnDefinitionList => (
+                ERRCODE_FEATURE_NOT_SUPPORTED,
+                "airlock.execute_external_script must be called in FROM with a column definition list".into(),
+                None,
+                Some("SELECT * FROM airlock.execute_external_script(...) AS r(id int8, x float8)".into()),
+            ),
+            CallError::DaemonUnavailable { path, source } => (
+                ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+                format!("cannot reach the airlock launcher daemon at \"{path}\": {}", source.desc()),
+                None,
+                Some("Start it with `airlockd --config /etc/airlock/airlockd.toml` (or `airlock local start` for a local setup); airlock.socket_path must match the daemon's socket_path.".into()),
+            ),
+            CallError::DaemonTimeout { what } => (
+                ERRCODE_CONNECTION_FAILURE,
+                format!("the airlock launcher daemon did not {what} in time"),
+                None,
+                Some("The daemon may be overloaded; see its log. airlock.connect_timeout sets the wait.".into()),
+            ),
+            CallError::Refused { reason, message } => (
+                match reason {
+                    RefusalKind::Busy => ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+                    RefusalKind::Language => ERRCODE_FEATURE_NOT_SUPPORTED,
+                    _ => ERRCODE_CONNECTION_FAILURE,
+                },
+                format!("airlockd refused the call: {message}"),
+                None,
+                None,
+            ),
+            CallError::PeerGone { peer } => (
+                ERRCODE_CONNECTION_FAILURE,
+                format!("{} closed the connection unexpectedly", peer.name()),
+                None,
+                None,
+            ),
+            CallError::PeerTimeout { peer, what } => (
+                ERRCODE_CONNECTION_FAILURE,
+                format!("{} did not {what} in time", peer.name()),
+                None,
+                None,
+            ),
+            CallError::Io { peer, source } => (
+                ERRCODE_CONNECTION_FAILURE,
+                format!("i/o error talking to {}: {}", peer.name(), source.desc()),
+                None,
+                None,
+            ),
+            CallError::Protocol { peer, message } => (
+                ERRCODE_PROTOCOL_VIOLATION,
+                format!("{} broke the protocol: {message}", peer.name()),
+                None,
+                None,
+            ),
+            CallError::Script { error_type, message, traceback, output_phase } => (
+                ERRCODE_EXTERNAL_ROUTINE_EXCEPTION,
+                if output_phase {
+                    message
+                } else if message.is_empty() {
+                    format!("script raised {error_type}")
+                } else {
+                    format!("script raised {error_type}: {message}")
+                },
+                (!traceback.is_empty()).then_some(traceback),
+                None,
+            ),
+            CallError::TimedOut { limit_ms } => (
+                ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+                format!("script exceeded its wall-clock limit of {}", seconds(limit_ms)),
+                Some("airlockd killed the script's sandbox.".into()),
+                Some("The limit is limits.wall_clock_seconds in the airlockd config.".into()),
+            ),
+            CallError::RuntimeDied { how } => (
+                ERRCODE_EXTERNAL_ROUTINE_EXCEPTION,
+                format!("the script's runtime ended without finishing: {how}"),
+                None,
+                None,
+            ),
+        };
+        let mut report = ErrorReport::new(code, message, "airlock");
+        if let Some(d) = detail {
+            report = report.set_detail(d);
+        }
+        if let Some(h) = hint {
+            report = report.set_hint(h);
+        }
+        report.report(PgLogLevel::ERROR);
+        unreachable!("ERROR does not return")
+    }
+}

@@ -1,0 +1,251 @@
+//! The daemon's configuration: one TOML file, parsed once into [`Config`] at start.
+//!
+//! Unknown keys are refused, so a misspelt setting is an error rather than a silently
+//! ignored default.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use airlock_protocol::control::Language;
+use serde::Deserialize;
+
+/// Errors from reading or checking the config file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("config file {path}: `{key}` {reason}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        reason: String,
+    },
+}
+
+/// The daemon's whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Unix socket the daemon listens on.
+    pub socket_path: PathBuf,
+    /// Uids allowed to connect (checked with SO_PEERCRED): the Postgres server's uid.
+    pub allowed_peer_uids: Vec<u32>,
+    /// Root of the daemon's state: session folders and the sandbox root mount point.
+    pub state_dir: PathBuf,
+    pub workers: Workers,
+    #[serde(default)]
+    pub limits: Limits,
+    /// Runtimes by language name.
+    #[serde(default)]
+    pub runtimes: BTreeMap<Language, Runtime>,
+}
+
+/// The worker identities scripts run as: a numeric range the daemon owns.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Workers {
+    /// First uid of the range.
+    pub first_uid: u32,
+    /// Number of worker uids: `first_uid .. first_uid + count`.
+    pub count: u32,
+    /// Group of every worker.
+    pub gid: u32,
+}
+
+/// Per-call limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Wall-clock time a call's sandbox may live.
+    pub wall_clock_seconds: f64,
+    /// Size of each sandbox's private /tmp.
+    pub tmp_size_mib: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            wall_clock_seconds: 60.0,
+            tmp_size_mib: 64,
+        }
+    }
+}
+
+/// Where one language's runtime lives on the host.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Runtime {
+    /// Installation prefix, as made by `scripts/setup-python-runtime.sh`: `venv/` and
+    /// `shim/` below it. Mounted read-only at the same path in every sandbox.
+    pub prefix: PathBuf,
+}
+
+impl Limits {
+    pub fn wall_clock_ms(&self) -> u64 {
+        (self.wall_clock_seconds * 1000.0).round() as u64
+    }
+}
+
+impl Config {
+    /// Reads, parses and checks the config file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Parses and checks config text; `path` is only used in messages.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })?;
+        config.check(path)?;
+        Ok(config)
+    }
+
+    fn check(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, reason: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key,
+            reason,
+        };
+        if !self.socket_path.is_absolute() {
+            return Err(invalid("socket_path", "must be an absolute path".into()));
+        }
+        if !self.state_dir.is_absolute() {
+            return Err(invalid("state_dir", "must be an absolute path".into()));
+        }
+        if self.allowed_peer_uids.is_empty() {
+            return Err(invalid(
+                "allowed_peer_uids",
+                "must name at least one uid (the Postgres server's)".into(),
+            ));
+        }
+        let w = &self.workers;
+        if w.count == 0 {
+            return Err(invalid("workers.count", "must be at least 1".into()));
+        }
+        if w.first_uid < 1000 {
+            return Err(invalid(
+                "workers.first_uid",
+                format!(
+                    "is {}; worker uids must not overlap root or system accounts (use 1000 or more)",
+                    w.first_uid
+                ),
+            ));
+        }
+        let Some(last) = w.first_uid.checked_add(w.count - 1) else {
+            return Err(invalid("workers.count", "overflows the uid range".into()));
+        };
+        if let Some(uid) = self
+            .allowed_peer_uids
+            .iter()
+            .find(|u| (w.first_uid..=last).contains(*u))
+        {
+            return Err(invalid(
+                "workers.first_uid",
+                format!("range {}..={last} contains allowed peer uid {uid}", w.first_uid),
+            ));
+        }
+        if w.gid < 1000 {
+            return Err(invalid(
+                "workers.gid",
+                format!("is {}; use a dedicated group of 1000 or more", w.gid),
+            ));
+        }
+        if !(self.limits.wall_clock_seconds > 0.0 && self.limits.wall_clock_seconds <= 86_400.0) {
+            return Err(invalid(
+                "limits.wall_clock_seconds",
+                "must be more than 0 and at most 86400".into(),
+            ));
+        }
+        if self.limits.tmp_size_mib == 0 {
+            return Err(invalid("limits.tmp_size_mib", "must be at least 1".into()));
+        }
+        for (lang, rt) in &self.runtimes {
+            if !rt.prefix.is_absolute() {
+                return Err(invalid(
+                    "runtimes.*.prefix",
+                    format!("for {lang} must be an absolute path"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Last worker uid, inclusive.
+    pub fn last_worker_uid(&self) -> u32 {
+        self.workers.first_uid + (self.workers.count - 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        socket_path = "/run/airlock/airlockd.sock"
+        allowed_peer_uids = [101]
+        state_dir = "/var/lib/airlock"
+        [workers]
+        first_uid = 61000
+        count = 20
+        gid = 61000
+        [limits]
+        wall_clock_seconds = 5
+        [runtimes.python]
+        prefix = "/opt/airlock/runtimes/python"
+    "#;
+
+    fn err(text: &str) -> String {
+        Config::parse(Path::new("t.toml"), text)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn parses_a_good_config() {
+        let c = Config::parse(Path::new("t.toml"), GOOD).unwrap();
+        assert_eq!(c.workers.count, 20);
+        assert_eq!(c.limits.wall_clock_ms(), 5000);
+        assert_eq!(c.limits.tmp_size_mib, 64);
+        assert!(c.runtimes.contains_key(&Language::Python));
+        assert_eq!(c.last_worker_uid(), 61019);
+    }
+
+    #[test]
+    fn unknown_key_is_refused_by_name() {
+        let e = err(&GOOD.replace("count = 20", "count = 20\ncuont = 3"));
+        assert!(e.contains("cuont"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        assert!(err(&GOOD.replace("first_uid = 61000", "first_uid = 0"))
+            .contains("`workers.first_uid`"));
+        assert!(err(&GOOD.replace("[101]", "[61005]")).contains("allowed peer uid 61005"));
+        assert!(err(&GOOD.replace("[101]", "[]")).contains("`allowed_peer_uids`"));
+        assert!(err(&GOOD.replace("wall_clock_seconds = 5", "wall_clock_seconds = -1"))
+            .contains("`limits.wall_clock_seconds`"));
+        assert!(err(&GOOD.replace("\"/var/lib/airlock\"", "\"rel\"")).contains("`state_dir`"));
+    }
+
+    #[test]
+    fn unknown_language_is_refused() {
+        let e = err(&GOOD.replace("runtimes.python", "runtimes.cobol"));
+        assert!(e.contains("cobol"), "{e}");
+    }
+}

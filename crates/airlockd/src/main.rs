@@ -1,0 +1,101 @@
+//! `airlockd` entry point: parse flags, start the spawner helper, serve.
+
+use std::{
+    os::{
+        fd::{FromRawFd, OwnedFd},
+        unix::fs::PermissionsExt,
+    },
+    path::PathBuf,
+    sync::Arc,
+};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+
+use airlockd::{config::Config, server, session, spawner};
+
+/// Airlock's launcher daemon.
+#[derive(Parser)]
+#[command(version, about)]
+struct Args {
+    /// Path of the TOML config file.
+    #[arg(long, short, default_value = "/etc/airlock/airlockd.toml")]
+    config: PathBuf,
+    /// Internal: run as the single-threaded sandbox spawner on fd 3.
+    #[arg(hide = true)]
+    mode: Option<String>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    if args.mode.as_deref() == Some("__spawner") {
+        // SAFETY: the daemon started us with its socket as fd 3 (spawner::launch) and
+        // nothing else in this process refers to that fd.
+        let sock = unsafe { OwnedFd::from_raw_fd(3) };
+        airlock_sandbox::run_spawner(sock).context("spawner")?;
+        return Ok(());
+    } else if let Some(mode) = args.mode {
+        bail!("unknown argument {mode:?}");
+    }
+
+    if !nix::unistd::geteuid().is_root() {
+        bail!("airlockd must run as root: it creates namespaces and switches to worker uids");
+    }
+    let config = Arc::new(Config::load(&args.config)?);
+    session::prepare_state_dir(&config)
+        .with_context(|| format!("preparing state directory {}", config.state_dir.display()))?;
+
+    // Before any thread exists: start the helper that builds sandboxes.
+    let exe = std::env::current_exe().context("locating our own executable")?;
+    let helper = spawner::launch(&exe)?;
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the event loop")?;
+    rt.block_on(async move {
+        let handle = spawner::SpawnerHandle::start(helper.sock, || {
+            tracing::error!("the sandbox spawner exited; airlockd cannot continue");
+            std::process::exit(1);
+        })?;
+        let listener = bind(&config.socket_path)?;
+        let daemon = Arc::new(server::Daemon::new(config.clone(), handle));
+        tracing::info!(socket = %config.socket_path.display(), "airlockd listening");
+        let shutdown = async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("installing a SIGTERM handler cannot fail in a fresh runtime");
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        };
+        server::serve(listener, daemon, shutdown).await;
+        let _ = std::fs::remove_file(&config.socket_path);
+        anyhow::Ok(())
+    })?;
+    Ok(())
+}
+
+fn bind(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    // A socket file left by a crashed daemon; a live daemon would still answer on it.
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        bail!("another airlockd is already listening on {}", path.display());
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("binding {}", path.display()))?;
+    // Anyone may connect; only allowed_peer_uids get an answer (SO_PEERCRED).
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+    Ok(listener)
+}

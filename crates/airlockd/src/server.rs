@@ -1,0 +1,363 @@
+//! The listener and one task per connection.
+//!
+//! The listener and the shutdown signal are passed in, so tests can run a daemon
+//! in-process on a private socket.
+
+use std::{
+    collections::BTreeSet,
+    future::Future,
+    io,
+    os::fd::{AsFd, AsRawFd, OwnedFd},
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use airlock_protocol::{
+    control::{Language, Outcome, RefusalKind, Reply, Request},
+    encode_control,
+    spawner::ExitStatus,
+    FrameDecoder, PROTOCOL_VERSION,
+};
+use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{UnixListener, UnixStream},
+};
+use uuid::Uuid;
+
+use crate::{
+    config::Config,
+    runtime::{self, CallSpec},
+    session::SessionDir,
+    spawner::SpawnerHandle,
+    sys,
+};
+
+/// Shared state of a running daemon.
+pub struct Daemon {
+    pub config: Arc<Config>,
+    pub spawner: SpawnerHandle,
+    workers: Mutex<BTreeSet<u32>>,
+    next_call: AtomicU64,
+}
+
+impl Daemon {
+    pub fn new(config: Arc<Config>, spawner: SpawnerHandle) -> Self {
+        let first = config.workers.first_uid;
+        let free = (first..=config.last_worker_uid()).collect();
+        Daemon {
+            config,
+            spawner,
+            workers: Mutex::new(free),
+            next_call: AtomicU64::new(1),
+        }
+    }
+
+    fn acquire_worker(&self) -> Option<WorkerLease<'_>> {
+        // A poisoned lock means a task panicked while holding it; the set itself is
+        // still consistent (insert/remove are atomic), so keep using it.
+        let mut free = self.workers.lock().unwrap_or_else(|e| e.into_inner());
+        let uid = free.pop_first()?;
+        Some(WorkerLease { daemon: self, uid })
+    }
+}
+
+/// A worker uid held for one call; returned to the pool on drop.
+struct WorkerLease<'a> {
+    daemon: &'a Daemon,
+    uid: u32,
+}
+
+impl Drop for WorkerLease<'_> {
+    fn drop(&mut self) {
+        let mut free = self
+            .daemon
+            .workers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        free.insert(self.uid);
+    }
+}
+
+/// Accepts connections until `shutdown` resolves.
+pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>, shutdown: impl Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => {
+                tracing::info!("shutting down");
+                return;
+            }
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        continue;
+                    }
+                };
+                let daemon = daemon.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = handle(stream, &daemon).await {
+                        tracing::warn!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// Errors on one connection.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("peer credentials unavailable: {0}")]
+    PeerCred(io::Error),
+    #[error("peer uid {0} is not in allowed_peer_uids")]
+    PeerNotAllowed(u32),
+    #[error("i/o: {0}")]
+    Io(#[from] io::Error),
+    #[error("protocol: {0}")]
+    Protocol(#[from] airlock_protocol::ProtocolError),
+    #[error("peer closed the connection")]
+    Closed,
+}
+
+/// A control connection with frame buffering.
+struct Conn {
+    stream: UnixStream,
+    dec: FrameDecoder,
+}
+
+impl Conn {
+    async fn read(&mut self) -> Result<Request, ConnError> {
+        let mut buf = [0u8; 8192];
+        loop {
+            if let Some(frame) = self.dec.next_frame()? {
+                return Ok(frame.control()?);
+            }
+            let n = self.stream.read(&mut buf).await?;
+            if n == 0 {
+                return Err(ConnError::Closed);
+            }
+            self.dec.extend(&buf[..n]);
+        }
+    }
+
+    async fn write(&mut self, reply: &Reply) -> Result<(), ConnError> {
+        self.stream.write_all(&encode_control(reply)?).await?;
+        Ok(())
+    }
+
+    /// Writes `reply` with `fd` attached as SCM_RIGHTS.
+    async fn write_with_fd(&mut self, reply: &Reply, fd: &OwnedFd) -> Result<(), ConnError> {
+        let frame = encode_control(reply)?;
+        let raw = [fd.as_raw_fd()];
+        let mut sent = 0;
+        while sent < frame.len() {
+            self.stream.writable().await?;
+            let fds: &[i32] = if sent == 0 { &raw } else { &[] };
+            match self
+                .stream
+                .try_io(tokio::io::Interest::WRITABLE, || {
+                    sys::send_with_fds(self.stream.as_fd(), &frame[sent..], fds)
+                        .map_err(io::Error::from)
+                }) {
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    async fn refuse(&mut self, reason: RefusalKind, message: String) -> Result<(), ConnError> {
+        tracing::info!(?reason, %message, "refused");
+        self.write(&Reply::Refused { reason, message }).await
+    }
+}
+
+async fn handle(stream: UnixStream, daemon: &Daemon) -> Result<(), ConnError> {
+    // Authentication: the kernel tells us the peer's uid; no passwords exist.
+    let cred = stream.peer_cred().map_err(ConnError::PeerCred)?;
+    if !daemon.config.allowed_peer_uids.contains(&cred.uid()) {
+        tracing::warn!(uid = cred.uid(), pid = ?cred.pid(), "refused peer");
+        return Err(ConnError::PeerNotAllowed(cred.uid()));
+    }
+    let mut conn = Conn {
+        stream,
+        dec: FrameDecoder::new(),
+    };
+    match conn.read().await? {
+        Request::Hello { version, .. } if version == PROTOCOL_VERSION => {
+            conn.write(&Reply::Hello {
+                version: PROTOCOL_VERSION,
+                daemon: concat!("airlockd ", env!("CARGO_PKG_VERSION")).into(),
+            })
+            .await?;
+        }
+        Request::Hello { version, .. } => {
+            return conn
+                .refuse(
+                    RefusalKind::Version,
+                    format!(
+                        "client speaks protocol version {version}, airlockd speaks {PROTOCOL_VERSION}; install matching versions of the extension and the daemon"
+                    ),
+                )
+                .await;
+        }
+        other => {
+            return conn
+                .refuse(RefusalKind::Protocol, format!("expected hello, got {other:?}"))
+                .await;
+        }
+    }
+    // A connection without a request (a health check) simply ends here.
+    let (language, caller, script_sha256) = match conn.read().await {
+        Ok(Request::Execute {
+            language,
+            caller,
+            script_sha256,
+        }) => (language, caller, script_sha256),
+        Ok(other) => {
+            return conn
+                .refuse(RefusalKind::Protocol, format!("expected execute, got {other:?}"))
+                .await;
+        }
+        Err(ConnError::Closed) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    execute(&mut conn, daemon, language, caller, script_sha256).await
+}
+
+async fn execute(
+    conn: &mut Conn,
+    daemon: &Daemon,
+    language: Language,
+    caller: airlock_protocol::control::Caller,
+    script_sha256: String,
+) -> Result<(), ConnError> {
+    let config = &daemon.config;
+    let Some(rt) = config.runtimes.get(&language) else {
+        return conn
+            .refuse(
+                RefusalKind::Language,
+                format!("airlockd has no runtime configured for {language}; add [runtimes.{language}] to its config"),
+            )
+            .await;
+    };
+    let Some(worker) = daemon.acquire_worker() else {
+        return conn
+            .refuse(
+                RefusalKind::Busy,
+                format!(
+                    "all {} worker identities are busy; raise workers.count in the airlockd config",
+                    config.workers.count
+                ),
+            )
+            .await;
+    };
+    let call_id = daemon.next_call.fetch_add(1, Ordering::Relaxed);
+    let session_id = Uuid::new_v4();
+    let span = tracing::info_span!("call", %session_id, call_id, uid = worker.uid);
+    let _enter = span.enter();
+    tracing::info!(%language, database = %caller.database, role = %caller.role,
+        backend_pid = caller.backend_pid, script_sha256 = %script_sha256, "call started");
+
+    // The session folder: created here, removed when `session` drops, whatever happens.
+    let session = match SessionDir::create(config, session_id, worker.uid) {
+        Ok(s) => s,
+        Err(e) => {
+            return conn
+                .refuse(RefusalKind::Sandbox, format!("cannot create session folder: {e}"))
+                .await;
+        }
+    };
+    let (backend_end, sandbox_end) = match socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    ) {
+        Ok(p) => p,
+        Err(e) => {
+            return conn
+                .refuse(RefusalKind::Sandbox, format!("cannot create data socket: {e}"))
+                .await;
+        }
+    };
+    let req = runtime::spawn_request(
+        config,
+        CallSpec {
+            call_id,
+            language,
+            runtime: rt,
+            uid: worker.uid,
+            gid: config.workers.gid,
+            session_dir: session.path().to_owned(),
+            session_target: PathBuf::from("/sessions").join(session_id.to_string()),
+        },
+    );
+    let started = match daemon.spawner.spawn(req, sandbox_end).await {
+        Ok(s) => s,
+        Err(e) => {
+            return conn.refuse(RefusalKind::Sandbox, e.to_string()).await;
+        }
+    };
+    let wall_limit_ms = config.limits.wall_clock_ms();
+    let sent = conn
+        .write_with_fd(
+            &Reply::Started {
+                session_id,
+                worker_uid: worker.uid,
+                wall_limit_ms,
+            },
+            &backend_end,
+        )
+        .await;
+    drop(backend_end);
+    let mut exited = started.exited;
+    if let Err(e) = sent {
+        daemon.spawner.kill(call_id);
+        let _ = exited.await;
+        return Err(e);
+    }
+    tracing::debug!(pid = started.pid, "sandbox running");
+
+    // Wait for whichever comes first: the sandbox exits, the time limit, or the backend
+    // hangs up (cancel, statement_timeout, error in the backend).
+    let deadline = tokio::time::sleep(Duration::from_millis(wall_limit_ms));
+    tokio::pin!(deadline);
+    let mut probe = [0u8; 64];
+    let outcome = tokio::select! {
+        status = &mut exited => match status {
+            Ok(ExitStatus::Code { code }) => Outcome::Exited { code },
+            Ok(ExitStatus::Signal { signal }) => Outcome::Signaled { signal },
+            Err(_) => Outcome::Signaled { signal: 9 },
+        },
+        _ = &mut deadline => {
+            daemon.spawner.kill(call_id);
+            let _ = (&mut exited).await;
+            tracing::info!(limit_ms = wall_limit_ms, "wall-clock limit reached, sandbox killed");
+            Outcome::TimedOut { limit_ms: wall_limit_ms }
+        }
+        // Any byte or EOF from the backend at this point means it has given up.
+        _ = conn.stream.read(&mut probe) => {
+            daemon.spawner.kill(call_id);
+            let _ = (&mut exited).await;
+            tracing::info!("backend hung up, sandbox killed");
+            Outcome::Cancelled
+        }
+    };
+    tracing::info!(?outcome, "call ended");
+    drop(session);
+    drop(worker);
+    if outcome != Outcome::Cancelled {
+        // The backend may already be gone; that is not an error of the daemon's.
+        let _ = conn.write(&Reply::Ended { outcome }).await;
+    }
+    Ok(())
+}

@@ -1,0 +1,77 @@
+//! Session folders: one per call, named by a fresh UUID, mode 0700, owned by the call's
+//! worker, removed when the call ends.
+
+use std::{
+    fs, io,
+    os::unix::fs::{DirBuilderExt, PermissionsExt},
+    path::{Path, PathBuf},
+};
+
+use uuid::Uuid;
+
+use crate::config::Config;
+
+/// The directory holding every session folder: root-owned, mode 0711, so a worker can
+/// reach its own folder by name but cannot list the others.
+pub fn sessions_root(config: &Config) -> PathBuf {
+    config.state_dir.join("sessions")
+}
+
+/// Creates the state directory layout; sweeps session folders a crashed daemon left.
+pub fn prepare_state_dir(config: &Config) -> io::Result<()> {
+    fs::create_dir_all(&config.state_dir)?;
+    fs::set_permissions(&config.state_dir, fs::Permissions::from_mode(0o711))?;
+    let root = crate::runtime::root_mountpoint(config);
+    fs::create_dir_all(&root)?;
+    fs::set_permissions(&root, fs::Permissions::from_mode(0o755))?;
+    let sessions = sessions_root(config);
+    fs::create_dir_all(&sessions)?;
+    fs::set_permissions(&sessions, fs::Permissions::from_mode(0o711))?;
+    for entry in fs::read_dir(&sessions)? {
+        let entry = entry?;
+        tracing::warn!(path = %entry.path().display(), "removing session folder left by an earlier run");
+        remove_tree(&entry.path())?;
+    }
+    Ok(())
+}
+
+fn remove_tree(path: &Path) -> io::Result<()> {
+    // A script may have removed its own write permission on subfolders; root can still
+    // remove them, and remove_dir_all never follows symlinks out of the tree.
+    match fs::remove_dir_all(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+/// A session folder that is removed on drop.
+pub struct SessionDir {
+    path: PathBuf,
+}
+
+impl SessionDir {
+    pub fn create(config: &Config, id: Uuid, uid: u32) -> io::Result<SessionDir> {
+        let path = sessions_root(config).join(id.to_string());
+        fs::DirBuilder::new().mode(0o700).create(&path)?;
+        let dir = SessionDir { path };
+        nix::unistd::chown(
+            &dir.path,
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(config.workers.gid)),
+        )
+        .map_err(io::Error::from)?;
+        Ok(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for SessionDir {
+    fn drop(&mut self) {
+        if let Err(e) = remove_tree(&self.path) {
+            tracing::error!(path = %self.path.display(), error = %e, "cannot remove session folder");
+        }
+    }
+}

@@ -1,0 +1,483 @@
+"""Tests for the Python runtime shim, speaking the data protocol from the backend's side.
+
+Each test runs airlock_runtime.py as a subprocess with one end of a socketpair as fd 3,
+the way the sandbox does, using the interpreter running the tests (the runtime's venv):
+
+    /opt/airlock/runtimes/python/venv/bin/python3 -m unittest discover \\
+        -s runtimes/python -p 'test_*.py'
+
+AIRLOCK_SHIM=/path/to/airlock_runtime.py tests an installed copy instead of this one.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import unittest
+
+import pyarrow as pa
+import pyarrow.ipc  # noqa: F401
+
+SHIM = os.environ.get(
+    "AIRLOCK_SHIM", os.path.join(os.path.dirname(os.path.abspath(__file__)), "airlock_runtime.py")
+)
+TIMEOUT = 60
+
+
+def frame(kind, payload):
+    return (len(payload) + 1).to_bytes(4, "little") + bytes([kind]) + payload
+
+
+def control(msg):
+    return frame(1, json.dumps(msg).encode())
+
+
+def arrow(batch):
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as w:
+        w.write_batch(batch)
+    return frame(2, sink.getvalue().to_pybytes())
+
+
+def start_msg(script, **overrides):
+    msg = {
+        "type": "start",
+        "version": 1,
+        "script": script,
+        "input_name": "InputDataSet",
+        "output_name": "OutputDataSet",
+        "has_input": False,
+        "max_print_bytes": 1 << 20,
+        "output_batch_rows": 65536,
+    }
+    msg.update(overrides)
+    return msg
+
+
+class Result:
+    def __init__(self):
+        self.messages = []  # control messages in order, Arrow frames as ("arrow", batch)
+        self.batches = []
+        self.status = None
+        self.stderr = b""
+
+    @property
+    def prints(self):
+        return "".join(m["text"] for m in self.controls if m["type"] == "print")
+
+    @property
+    def controls(self):
+        return [m for m in self.messages if isinstance(m, dict)]
+
+    @property
+    def last(self):
+        return self.messages[-1] if self.messages else None
+
+    @property
+    def error(self):
+        last = self.last
+        return last if isinstance(last, dict) and last["type"] == "script_error" else None
+
+    def table(self):
+        return pa.Table.from_batches(self.batches)
+
+
+def recv_exact(sock, n):
+    buf = bytearray()
+    while len(buf) < n:
+        try:
+            chunk = sock.recv(min(n - len(buf), 1 << 20))
+        except ConnectionResetError:
+            # A shim that stops reading early (bad input) and exits resets the
+            # connection after its last frame; that is its end of stream.
+            chunk = b""
+        if not chunk:
+            return None if not buf else bytes(buf)
+        buf += chunk
+    return bytes(buf)
+
+
+def run_raw(data):
+    """Starts the shim, sends `data`, reads frames until it closes the socket."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    fd = theirs.fileno()
+    proc = subprocess.Popen(
+        [sys.executable, "-I", "-B", SHIM],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        pass_fds=(3, fd) if fd != 3 else (3,),
+        preexec_fn=(lambda: os.dup2(fd, 3)) if fd != 3 else None,
+    )
+    theirs.close()
+    result = Result()
+    try:
+        ours.settimeout(TIMEOUT)
+        ours.sendall(data)
+        ours.shutdown(socket.SHUT_WR)
+        while True:
+            header = recv_exact(ours, 4)
+            if header is None:
+                break
+            n = int.from_bytes(header, "little")
+            body = recv_exact(ours, n)
+            assert body is not None and len(body) == n, "truncated frame from the shim"
+            if body[0] == 1:
+                result.messages.append(json.loads(body[1:].decode("utf-8")))
+            elif body[0] == 2:
+                reader = pa.ipc.open_stream(pa.py_buffer(body[1:]))
+                batches = list(reader)
+                assert len(batches) == 1, f"an Arrow frame holds {len(batches)} batches"
+                result.batches.append(batches[0])
+                result.messages.append(("arrow", batches[0]))
+            else:
+                raise AssertionError(f"unknown frame kind {body[0]}")
+    finally:
+        ours.close()
+        _, result.stderr = proc.communicate(timeout=TIMEOUT)
+        result.status = proc.returncode
+    return result
+
+
+def run(script, input_batches=None, **start):
+    if input_batches is not None:
+        start.setdefault("has_input", True)
+    data = control(start_msg(script, **start))
+    for batch in input_batches or []:
+        data += arrow(batch)
+    data += control({"type": "input_end"})
+    return run_raw(data)
+
+
+def typed_input():
+    return pa.record_batch(
+        [
+            pa.array([1, None, 3], pa.int64()),
+            pa.array([1, 2, 3], pa.int64()),
+            pa.array([10, None, 30], pa.int32()),
+            pa.array([10, 20, 30], pa.int32()),
+            pa.array([5, None, 7], pa.int16()),
+            pa.array([1.5, None, 3.5], pa.float64()),
+            pa.array([True, None, False], pa.bool_()),
+            pa.array([True, False, True], pa.bool_()),
+            pa.array(["a", None, "ü ☃"], pa.string()),
+        ],
+        names=["i64n", "i64", "i32n", "i32", "i16n", "f64n", "booln", "bool", "text"],
+    )
+
+
+class RuntimeTest(unittest.TestCase):
+    def assertDone(self, r, rows):
+        self.assertIsNone(r.error, f"script_error: {r.error}")
+        self.assertEqual(r.last, {"type": "done", "rows": rows}, r.stderr.decode())
+        self.assertEqual(r.status, 0)
+
+    def assertError(self, r, phase, error_type, status):
+        self.assertIsNotNone(r.error, f"expected script_error, got {r.messages}")
+        self.assertEqual(r.error["phase"], phase)
+        self.assertEqual(r.error["error_type"], error_type)
+        self.assertEqual(r.status, status)
+        self.assertFalse(r.batches, "no output rows with an error")
+
+    # --- input and output types ---
+
+    def test_round_trip_types_with_nulls(self):
+        script = """
+want = {"i64n": "Int64", "i64": "int64", "i32n": "Int32", "i32": "int32",
+        "i16n": "Int16", "f64n": "float64", "booln": "boolean", "bool": "bool",
+        "text": "object"}
+got = {c: str(t) for c, t in InputDataSet.dtypes.items()}
+assert got == want, got
+assert InputDataSet["i64n"].isna().tolist() == [False, True, False]
+assert np.isnan(InputDataSet["f64n"][1])
+assert InputDataSet["text"].tolist() == ["a", None, "ü ☃"]
+assert all(type(v) is str for v in InputDataSet["text"].dropna())
+assert type(InputDataSet["i64"][0]) is np.int64
+OutputDataSet = InputDataSet
+"""
+        r = run(script, [typed_input()])
+        self.assertDone(r, 3)
+        out = r.table()
+        self.assertEqual(
+            [str(f.type) for f in out.schema],
+            ["int64", "int64", "int32", "int32", "int16", "double", "bool", "bool", "string"],
+        )
+        self.assertEqual(out.to_pylist(), pa.Table.from_batches([typed_input()]).to_pylist())
+
+    def test_input_split_over_several_batches(self):
+        batch = typed_input()
+        r = run(
+            "assert len(InputDataSet) == 6\nOutputDataSet = InputDataSet[['i64n']]",
+            [batch, batch.slice(0, 0), batch],
+        )
+        self.assertDone(r, 6)
+        self.assertEqual(r.table().column(0).to_pylist(), [1, None, 3] * 2)
+
+    def test_no_input(self):
+        script = """
+assert isinstance(InputDataSet, pd.DataFrame) and InputDataSet.shape == (0, 0)
+OutputDataSet = pd.DataFrame({"x": [1, 2, 3], "y": ["a", "b", None]})
+"""
+        r = run(script)
+        self.assertDone(r, 3)
+        self.assertEqual(str(r.table().schema.field("x").type), "int64")
+        self.assertEqual(r.table().to_pydict(), {"x": [1, 2, 3], "y": ["a", "b", None]})
+
+    def test_zero_row_input_keeps_columns_and_dtypes(self):
+        empty = typed_input().slice(0, 0)
+        script = """
+assert list(InputDataSet.columns) == ["i64n", "i64", "i32n", "i32", "i16n", "f64n",
+                                      "booln", "bool", "text"], list(InputDataSet.columns)
+assert len(InputDataSet) == 0
+got = [str(t) for t in InputDataSet.dtypes]
+assert got == ["int64", "int64", "int32", "int32", "int16", "float64", "bool", "bool",
+               "object"], got
+OutputDataSet = InputDataSet
+"""
+        r = run(script, [empty])
+        self.assertDone(r, 0)
+        self.assertEqual(len(r.batches), 1)
+        # An empty object column has no values to infer from: Arrow calls it null.
+        self.assertEqual(
+            [str(f.type) for f in r.batches[0].schema],
+            ["int64", "int64", "int32", "int32", "int16", "double", "bool", "bool", "null"],
+        )
+
+    def test_duplicate_input_column_names_kept_in_order(self):
+        batch = pa.record_batch(
+            [pa.array([1]), pa.array(["x"]), pa.array([2])], names=["a", "b", "a"]
+        )
+        r = run(
+            "assert list(InputDataSet.columns) == ['a', 'b', 'a']\n"
+            "assert InputDataSet.iloc[0].tolist() == [1, 'x', 2]\n"
+            "OutputDataSet = pd.DataFrame({'ok': [1]})",
+            [batch],
+        )
+        self.assertDone(r, 1)
+
+    def test_output_dtype_mapping(self):
+        script = """
+import datetime, decimal
+OutputDataSet = pd.DataFrame({
+    "nullable_int": pd.array([1, None], dtype="Int64"),
+    "nullable_bool": pd.array([True, None], dtype="boolean"),
+    "nan_float": [1.0, np.nan],
+    "f32": np.array([1.0, 2.0], dtype=np.float32),
+    "pd_string": pd.array(["a", None], dtype="string"),
+    "arrow_string": pd.array(["a", None], dtype="string[pyarrow]"),
+    "category": pd.Series(["a", "b"], dtype="category"),
+    "ts": pd.to_datetime(["2020-01-01", None]),
+    "ts_utc": pd.to_datetime(["2020-01-01", None]).tz_localize("UTC"),
+    "date": [datetime.date(2020, 1, 1), None],
+    "dec": [decimal.Decimal("1.50"), None],
+    "bytes": [b"x", None],
+    "all_none": [None, None],
+    7: [1, 2],
+})
+"""
+        r = run(script)
+        self.assertDone(r, 2)
+        types = {f.name: str(f.type) for f in r.table().schema}
+        self.assertEqual(
+            types,
+            {
+                "nullable_int": "int64",
+                "nullable_bool": "bool",
+                "nan_float": "double",
+                "f32": "float",
+                "pd_string": "string",
+                "arrow_string": "string",
+                "category": "string",
+                "ts": "timestamp[ns]",
+                "ts_utc": "timestamp[ns, tz=UTC]",
+                "date": "date32[day]",
+                "dec": "decimal128(3, 2)",
+                "bytes": "binary",
+                "all_none": "null",
+                "7": "int64",
+            },
+        )
+        d = r.table().to_pydict()
+        self.assertEqual(d["nullable_int"], [1, None])
+        self.assertEqual(d["nan_float"], [1.0, None])  # NaN leaves as NULL
+        self.assertEqual(d["category"], ["a", "b"])
+        self.assertIsNone(r.table().schema.metadata)
+
+    def test_output_batches_are_cut_at_output_batch_rows(self):
+        r = run("OutputDataSet = pd.DataFrame({'x': range(10)})", output_batch_rows=4)
+        self.assertDone(r, 10)
+        self.assertEqual([b.num_rows for b in r.batches], [4, 4, 2])
+        self.assertEqual(r.table().column(0).to_pylist(), list(range(10)))
+
+    def test_empty_output_sends_one_empty_batch_with_schema(self):
+        r = run(
+            "OutputDataSet = pd.DataFrame({'a': pd.Series([], dtype='int64'),"
+            " 'b': pd.Series([], dtype='float64')})"
+        )
+        self.assertDone(r, 0)
+        self.assertEqual(len(r.batches), 1)
+        self.assertEqual(r.batches[0].num_rows, 0)
+        self.assertEqual(r.batches[0].schema, pa.schema([("a", pa.int64()), ("b", pa.float64())]))
+        self.assertEqual(r.messages[-2][0], "arrow")
+
+    def test_large_input_and_output(self):
+        n = 3_000_000
+        batch = pa.record_batch(
+            [pa.array(range(n), pa.int64()), pa.array(["row %d" % i for i in range(n)])],
+            names=["id", "label"],
+        )
+        r = run(
+            "assert len(InputDataSet) == %d\nOutputDataSet = InputDataSet" % n,
+            [batch],
+            output_batch_rows=1_000_000,
+        )
+        self.assertDone(r, n)
+        self.assertEqual([b.num_rows for b in r.batches], [1_000_000] * 3)
+        self.assertTrue(r.table().equals(pa.Table.from_batches([batch])))
+
+    # --- script errors ---
+
+    def test_exception_reports_type_message_and_script_traceback(self):
+        script = "def f(x):\n    return 1 / x\n\ny = f(0)\n"
+        r = run(script)
+        self.assertError(r, "script", "ZeroDivisionError", 1)
+        self.assertEqual(r.error["message"], "division by zero")
+        tb = r.error["traceback"]
+        self.assertIn('File "<script>", line 4', tb)
+        self.assertIn('File "<script>", line 2, in f', tb)
+        self.assertIn("return 1 / x", tb)
+        self.assertNotIn("airlock_runtime", tb)
+        self.assertTrue(tb.rstrip().endswith("ZeroDivisionError: division by zero"), tb)
+
+    def test_exception_inside_pandas_keeps_only_script_frames(self):
+        r = run("df = pd.DataFrame({'a': [1]})\nx = df['missing']\n")
+        self.assertError(r, "script", "KeyError", 1)
+        self.assertEqual(r.error["message"], "'missing'")
+        tb = r.error["traceback"]
+        self.assertIn('File "<script>", line 2', tb)
+        self.assertNotIn("site-packages", tb)
+        self.assertNotIn("airlock_runtime", tb)
+
+    def test_exception_class_defined_in_script(self):
+        r = run("class Bad(Exception):\n    pass\nraise Bad('nope')\n")
+        self.assertError(r, "script", "Bad", 1)
+        self.assertEqual(r.error["message"], "nope")
+
+    def test_syntax_error(self):
+        r = run("x = 1\ny = = 2\n")
+        self.assertError(r, "script", "SyntaxError", 1)
+        self.assertIn('File "<script>", line 2', r.error["traceback"])
+        self.assertNotIn("airlock_runtime", r.error["traceback"])
+
+    def test_exit_zero_is_normal_completion(self):
+        r = run("import sys\nOutputDataSet = pd.DataFrame({'a': [1]})\nsys.exit(0)\n")
+        self.assertDone(r, 1)
+
+    def test_exit_nonzero_is_an_error(self):
+        r = run("import sys\nsys.exit(3)\n")
+        self.assertError(r, "script", "SystemExit", 1)
+        self.assertEqual(r.error["message"], "script called exit(3)")
+
+    # --- output errors ---
+
+    def test_missing_output(self):
+        r = run("x = 1")
+        self.assertError(r, "output", "OutputError", 1)
+        self.assertEqual(r.error["message"], "the script did not set OutputDataSet")
+
+    def test_missing_output_uses_the_configured_name(self):
+        r = run("OutputDataSet = pd.DataFrame()", output_name="result")
+        self.assertError(r, "output", "OutputError", 1)
+        self.assertEqual(r.error["message"], "the script did not set result")
+
+    def test_output_not_a_dataframe(self):
+        r = run("OutputDataSet = [1, 2, 3]")
+        self.assertError(r, "output", "OutputError", 1)
+        self.assertEqual(r.error["message"], "OutputDataSet is a list, not a pandas DataFrame")
+
+    def test_output_column_that_arrow_cannot_convert_is_named(self):
+        r = run("OutputDataSet = pd.DataFrame({'ok': [1, 2], 'mixed': [1, 'a']})")
+        self.assertError(r, "output", "OutputError", 1)
+        self.assertIn("column 2 ('mixed')", r.error["message"])
+
+    def test_output_duplicate_column_names(self):
+        r = run("OutputDataSet = pd.DataFrame([[1, 2]], columns=['a', 'a'])")
+        self.assertError(r, "output", "OutputError", 1)
+        self.assertIn("more than one column named 'a'", r.error["message"])
+
+    # --- printed output ---
+
+    def test_printed_output_arrives_as_print_messages(self):
+        script = """
+import os, sys, warnings
+print("hello")
+print("to stderr", file=sys.stderr)
+sys.stdout.write("no newline")
+sys.stdout.flush()
+os.write(1, b" raw fd write\\n")
+os.system("echo from a child process")
+warnings.warn("careful")
+OutputDataSet = pd.DataFrame({"a": [1]})
+"""
+        r = run(script)
+        self.assertDone(r, 1)
+        text = r.prints
+        for want in ["hello\n", "to stderr\n", "no newline raw fd write\n",
+                     "from a child process\n", "UserWarning: careful"]:
+            self.assertIn(want, text)
+        self.assertLess(text.index("hello"), text.index("from a child process"))
+        # Every print comes before the output.
+        kinds = [m[0] if isinstance(m, tuple) else m["type"] for m in r.messages]
+        self.assertEqual(kinds, ["print"] * kinds.count("print") + ["arrow", "done"])
+
+    def test_print_before_an_error_is_still_sent(self):
+        r = run("print('about to fail')\nraise ValueError('x')")
+        self.assertEqual(r.prints, "about to fail\n")
+        self.assertError(r, "script", "ValueError", 1)
+
+    def test_print_cap_truncates_and_says_how_much(self):
+        script = "for i in range(100):\n    print('x' * 99)\nOutputDataSet = pd.DataFrame()"
+        r = run(script, max_print_bytes=1000)
+        self.assertDone(r, 0)
+        prints = [m["text"] for m in r.controls if m["type"] == "print"]
+        note = prints[-1]
+        shown = "".join(prints[:-1])
+        self.assertEqual(shown, ("x" * 99 + "\n") * 10)
+        self.assertEqual(note, "[airlock: output truncated: 9000 more bytes not shown]\n")
+
+    def test_print_cap_does_not_split_a_utf8_character(self):
+        r = run("print('é' * 10)\nOutputDataSet = pd.DataFrame()", max_print_bytes=5)
+        self.assertDone(r, 0)
+        self.assertTrue(r.prints.startswith("éé\n[airlock: output truncated: 17 more"), r.prints)
+
+    # --- protocol ---
+
+    def test_bad_protocol_version(self):
+        r = run("OutputDataSet = pd.DataFrame()", version=2)
+        self.assertError(r, "input", "ProtocolError", 2)
+        self.assertIn("version 2", r.error["message"])
+
+    def test_malformed_frame(self):
+        data = control(start_msg("x = 1")) + (5).to_bytes(4, "little") + b"\x09abcd"
+        r = run_raw(data)
+        self.assertError(r, "input", "ProtocolError", 2)
+        self.assertIn("unknown kind 9", r.error["message"])
+
+    def test_garbage_arrow_frame(self):
+        data = control(start_msg("x = 1", has_input=True)) + frame(2, b"not arrow at all")
+        r = run_raw(data)
+        self.assertError(r, "input", "ProtocolError", 2)
+
+    def test_connection_closed_early(self):
+        r = run_raw(control(start_msg("x = 1")))
+        self.assertError(r, "input", "ProtocolError", 2)
+        self.assertIn("before input_end", r.error["message"])
+
+    def test_missing_input_batch(self):
+        r = run("x = 1", [], has_input=True)
+        self.assertError(r, "input", "ProtocolError", 2)
+
+
+if __name__ == "__main__":
+    unittest.main()
