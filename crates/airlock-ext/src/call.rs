@@ -135,7 +135,8 @@ impl ResultSet {
             let rsinfo = (*fcinfo).resultinfo as *mut pg_sys::ReturnSetInfo;
             if rsinfo.is_null()
                 || (*rsinfo).type_ != pg_sys::NodeTag::T_ReturnSetInfo
-                || ((*rsinfo).allowedModes & pg_sys::SetFunctionReturnMode::SFRM_Materialize as i32) == 0
+                || ((*rsinfo).allowedModes & pg_sys::SetFunctionReturnMode::SFRM_Materialize as i32)
+                    == 0
                 || (*rsinfo).expectedDesc.is_null()
             {
                 return Err(CallError::NoColumnDefinitionList);
@@ -196,7 +197,10 @@ impl Input {
             if plan.is_null() {
                 return Err(CallError::Protocol {
                     peer: Peer::Runtime,
-                    message: format!("SPI_prepare_cursor failed: {}", std::ptr::addr_of!(pg_sys::SPI_result).read()),
+                    message: format!(
+                        "SPI_prepare_cursor failed: {}",
+                        std::ptr::addr_of!(pg_sys::SPI_result).read()
+                    ),
                 });
             }
             let portal = pg_sys::SPI_cursor_open(
@@ -275,7 +279,6 @@ impl Input {
 struct Session {
     control: Channel,
     data: Channel,
-    wall_limit_ms: u64,
 }
 
 fn start_session(language: Language, script: &str) -> Result<Session, CallError> {
@@ -307,7 +310,7 @@ fn start_session(language: Language, script: &str) -> Result<Session, CallError>
     };
     control.send(&encode(&execute)?, Some(deadline))?;
     match recv_reply(&mut control, Some(deadline))? {
-        Reply::Started { wall_limit_ms, .. } => {
+        Reply::Started { .. } => {
             let fd = control.take_fd().ok_or_else(|| CallError::Protocol {
                 peer: Peer::Daemon,
                 message: "started without a data socket".into(),
@@ -315,7 +318,6 @@ fn start_session(language: Language, script: &str) -> Result<Session, CallError>
             Ok(Session {
                 control,
                 data: Channel::from_owned(fd, Peer::Runtime),
-                wall_limit_ms,
             })
         }
         Reply::Refused { reason, message } => Err(CallError::Refused { reason, message }),
@@ -356,7 +358,7 @@ fn ended(control: &mut Channel) -> Result<Outcome, CallError> {
 }
 
 /// Turns an outcome other than a clean exit into the error the user should see.
-fn outcome_error(outcome: Outcome, wall_limit_ms: u64) -> CallError {
+fn outcome_error(outcome: Outcome) -> CallError {
     match outcome {
         Outcome::TimedOut { limit_ms } => CallError::TimedOut { limit_ms },
         Outcome::Exited { code } => CallError::RuntimeDied {
@@ -365,9 +367,36 @@ fn outcome_error(outcome: Outcome, wall_limit_ms: u64) -> CallError {
         Outcome::Signaled { signal } => CallError::RuntimeDied {
             how: format!("it was killed by signal {signal}"),
         },
-        Outcome::Cancelled => CallError::TimedOut {
-            limit_ms: wall_limit_ms,
+        Outcome::Cancelled => CallError::RuntimeDied {
+            how: "airlockd cancelled it".into(),
         },
+    }
+}
+
+/// The runtime stopped reading before all input was sent. It may have said why (a bad
+/// input frame, say) before exiting: look for that in what it sent, then ask the daemon.
+fn failure_after_send(data: &mut Channel, control: &mut Channel) -> CallError {
+    let deadline = Some(Instant::now() + Duration::from_secs(2));
+    while let Ok(Some(frame)) = data.recv(deadline) {
+        if let Ok(FromRuntime::ScriptError {
+            phase,
+            error_type,
+            message,
+            traceback,
+        }) = frame.control::<FromRuntime>()
+        {
+            let _ = ended(control);
+            return CallError::Script {
+                error_type,
+                message,
+                traceback,
+                output_phase: phase == ErrorPhase::Output,
+            };
+        }
+    }
+    match ended(control) {
+        Ok(outcome) => outcome_error(outcome),
+        Err(e) => e,
     }
 }
 
@@ -379,14 +408,17 @@ struct Printer {
 }
 
 impl Printer {
+    /// One NOTICE per line of printed text.
     fn print(&mut self, text: &str) {
         let text = text.strip_suffix('\n').unwrap_or(text);
-        if self.shown + text.len() > self.limit {
-            self.dropped += text.len();
-            return;
+        for line in text.split('\n') {
+            if self.dropped > 0 || self.shown + line.len() > self.limit {
+                self.dropped += line.len() + 1;
+                continue;
+            }
+            self.shown += line.len() + 1;
+            pgrx::notice!("{line}");
         }
-        self.shown += text.len();
-        pgrx::notice!("{text}");
     }
 
     fn finish(&self) {
@@ -438,7 +470,6 @@ unsafe fn run(fcinfo: pg_sys::FunctionCallInfo, args: CallArgs<'_>) -> Result<()
     let Session {
         mut control,
         mut data,
-        wall_limit_ms,
     } = start_session(language, script)?;
 
     // 5. Hand the runtime the script, then the input rows.
@@ -462,10 +493,7 @@ unsafe fn run(fcinfo: pg_sys::FunctionCallInfo, args: CallArgs<'_>) -> Result<()
     })();
     match sent {
         Ok(()) => {}
-        // The runtime went away while we were sending: the daemon knows why.
-        Err(CallError::PeerGone { .. }) => {
-            return Err(outcome_error(ended(&mut control)?, wall_limit_ms))
-        }
+        Err(CallError::PeerGone { .. }) => return Err(failure_after_send(&mut data, &mut control)),
         Err(e) => return Err(e),
     }
     if let Some(inp) = input.take() {
@@ -486,7 +514,7 @@ unsafe fn run(fcinfo: pg_sys::FunctionCallInfo, args: CallArgs<'_>) -> Result<()
         let Some(frame) = data.recv(None)? else {
             // The runtime ended without saying it was done.
             printer.finish();
-            return Err(outcome_error(ended(&mut control)?, wall_limit_ms));
+            return Err(outcome_error(ended(&mut control)?));
         };
         match frame.kind {
             FrameKind::Arrow => {
@@ -549,7 +577,7 @@ unsafe fn run(fcinfo: pg_sys::FunctionCallInfo, args: CallArgs<'_>) -> Result<()
     // 7. The daemon confirms the sandbox is gone.
     match ended(&mut control)? {
         Outcome::Exited { code: 0 } => {}
-        other => return Err(outcome_error(other, wall_limit_ms)),
+        other => return Err(outcome_error(other)),
     }
     result.finish();
     Ok(())

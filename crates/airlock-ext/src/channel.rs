@@ -18,8 +18,8 @@ use nix::{
     cmsg_space,
     errno::Errno,
     sys::socket::{
-        connect, recvmsg, sendmsg, socket, AddressFamily, ControlMessageOwned, MsgFlags,
-        SockFlag, SockType, UnixAddr,
+        connect, recvmsg, sendmsg, socket, AddressFamily, ControlMessageOwned, MsgFlags, SockFlag,
+        SockType, UnixAddr,
     },
 };
 use pgrx::pg_sys;
@@ -129,7 +129,11 @@ impl Channel {
                             what: "accept the connection",
                         });
                     }
-                    let _ = wait(sock.as_raw_fd(), true, Some(Instant::now() + Duration::from_millis(10)));
+                    let _ = wait(
+                        sock.as_raw_fd(),
+                        true,
+                        Some(Instant::now() + Duration::from_millis(10)),
+                    );
                 }
                 Err(e) => return Err(unavailable(e)),
             }

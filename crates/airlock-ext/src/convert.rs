@@ -10,8 +10,8 @@ use std::{ffi::CStr, sync::Arc};
 
 use arrow_array::{
     builder::{
-        BooleanBuilder, Float32Builder, Float64Builder, Int16Builder, Int32Builder,
-        Int64Builder, StringBuilder,
+        BooleanBuilder, Float32Builder, Float64Builder, Int16Builder, Int32Builder, Int64Builder,
+        StringBuilder,
     },
     cast::AsArray,
     types::{
@@ -308,7 +308,10 @@ enum Target {
     PlainText,
     /// Any other text-like type (varchar(n), char(n), name): through its input function,
     /// which applies the type's own checks.
-    TypedText { typoid: pg_sys::Oid, typmod: i32 },
+    TypedText {
+        typoid: pg_sys::Oid,
+        typmod: i32,
+    },
 }
 
 struct OutCol {
@@ -382,8 +385,7 @@ impl OutputDecoder {
                 Some(Kind::Float4) => Target::Float4,
                 Some(Kind::Float8) => Target::Float8,
                 Some(Kind::Text)
-                    if a.typmod < 0
-                        && matches!(a.typoid, pg_sys::TEXTOID | pg_sys::VARCHAROID) =>
+                    if a.typmod < 0 && matches!(a.typoid, pg_sys::TEXTOID | pg_sys::VARCHAROID) =>
                 {
                     Target::PlainText
                 }
@@ -468,7 +470,12 @@ impl OutputDecoder {
             // SAFETY: values/nulls have one entry per attribute of tupdesc, each Datum
             // of that attribute's type; tuplestore_putvalues copies the tuple.
             unsafe {
-                pg_sys::tuplestore_putvalues(tupstore, tupdesc, values.as_mut_ptr(), nulls.as_mut_ptr())
+                pg_sys::tuplestore_putvalues(
+                    tupstore,
+                    tupdesc,
+                    values.as_mut_ptr(),
+                    nulls.as_mut_ptr(),
+                )
             };
         }
         Ok(())
@@ -530,15 +537,21 @@ fn datum(
         Target::Bool => array.as_boolean().value(row).into_datum(),
         Target::Int2 => {
             let v = int_value(array, row);
-            i16::try_from(v).map_err(|_| out_of_range(v.to_string()))?.into_datum()
+            i16::try_from(v)
+                .map_err(|_| out_of_range(v.to_string()))?
+                .into_datum()
         }
         Target::Int4 => {
             let v = int_value(array, row);
-            i32::try_from(v).map_err(|_| out_of_range(v.to_string()))?.into_datum()
+            i32::try_from(v)
+                .map_err(|_| out_of_range(v.to_string()))?
+                .into_datum()
         }
         Target::Int8 => {
             let v = int_value(array, row);
-            i64::try_from(v).map_err(|_| out_of_range(v.to_string()))?.into_datum()
+            i64::try_from(v)
+                .map_err(|_| out_of_range(v.to_string()))?
+                .into_datum()
         }
         Target::Float4 => (float_value(array, row) as f32).into_datum(),
         Target::Float8 => float_value(array, row).into_datum(),

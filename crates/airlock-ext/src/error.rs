@@ -14,36 +14,101 @@ pub enum CallError {
     /// The server switch is off.
     Disabled,
     /// The caller lacks airlock_script_executor.
-    PermissionDenied { role: String },
-    UnknownLanguage { language: String },
+    PermissionDenied {
+        role: String,
+    },
+    UnknownLanguage {
+        language: String,
+    },
     /// The input query's column has a type the data path cannot carry.
-    UnsupportedInputType { column: usize, name: String, type_name: String },
-    DuplicateInputColumn { name: String, first: usize, second: usize },
+    UnsupportedInputType {
+        column: usize,
+        name: String,
+        type_name: String,
+    },
+    DuplicateInputColumn {
+        name: String,
+        first: usize,
+        second: usize,
+    },
     /// The caller's column definition list has a type the data path cannot return.
-    UnsupportedOutputType { column: usize, name: String, type_name: String },
-    ColumnCount { produced: usize, declared: usize },
-    ColumnType { column: usize, name: String, produced: String, declared: String },
-    ValueOutOfRange { column: usize, name: String, row: u64, value: String, declared: String },
-    InvalidText { column: usize, name: String, row: u64, reason: &'static str },
-    NotUtf8Database { encoding: String },
+    UnsupportedOutputType {
+        column: usize,
+        name: String,
+        type_name: String,
+    },
+    ColumnCount {
+        produced: usize,
+        declared: usize,
+    },
+    ColumnType {
+        column: usize,
+        name: String,
+        produced: String,
+        declared: String,
+    },
+    ValueOutOfRange {
+        column: usize,
+        name: String,
+        row: u64,
+        value: String,
+        declared: String,
+    },
+    InvalidText {
+        column: usize,
+        name: String,
+        row: u64,
+        reason: &'static str,
+    },
+    NotUtf8Database {
+        encoding: String,
+    },
     NoColumnDefinitionList,
-    DaemonUnavailable { path: String, source: Errno },
-    DaemonTimeout { what: &'static str },
-    Refused { reason: RefusalKind, message: String },
-    PeerGone { peer: Peer },
-    PeerTimeout { peer: Peer, what: &'static str },
-    Io { peer: Peer, source: Errno },
-    Protocol { peer: Peer, message: String },
+    DaemonUnavailable {
+        path: String,
+        source: Errno,
+    },
+    DaemonTimeout {
+        what: &'static str,
+    },
+    Refused {
+        reason: RefusalKind,
+        message: String,
+    },
+    PeerGone {
+        peer: Peer,
+    },
+    PeerTimeout {
+        peer: Peer,
+        what: &'static str,
+    },
+    Io {
+        peer: Peer,
+        source: Errno,
+    },
+    Protocol {
+        peer: Peer,
+        message: String,
+    },
     /// The script raised, or left no usable output.
-    Script { error_type: String, message: String, traceback: String, output_phase: bool },
+    Script {
+        error_type: String,
+        message: String,
+        traceback: String,
+        output_phase: bool,
+    },
     /// The daemon killed the sandbox at the wall-clock limit.
-    TimedOut { limit_ms: u64 },
+    TimedOut {
+        limit_ms: u64,
+    },
     /// The runtime died without finishing.
-    RuntimeDied { how: String },
+    RuntimeDied {
+        how: String,
+    },
 }
 
 fn seconds(ms: u64) -> String {
-    if ms % 1000 == 0 {
+    if ms.is_multiple_of(1000) {
         format!("{} s", ms / 1000)
     } else {
         format!("{:.1} s", ms as f64 / 1000.0)

@@ -34,9 +34,9 @@ pub fn init() {
     GucRegistry::define_string_guc(
         c"airlock.socket_path",
         c"Unix socket of the airlockd launcher daemon.",
-        c"Must match socket_path in the daemon's config file.",
+        c"Must match socket_path in the daemon's config file. Superusers may set it per session.",
         &SOCKET_PATH,
-        GucContext::Sighup,
+        GucContext::Suset,
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(

@@ -233,7 +233,10 @@ mod tests {
     fn refuses_unknown_kind_and_empty_frame() {
         let mut dec = FrameDecoder::new();
         dec.extend(&[1, 0, 0, 0, 9]);
-        assert!(matches!(dec.next_frame(), Err(ProtocolError::UnknownKind(9))));
+        assert!(matches!(
+            dec.next_frame(),
+            Err(ProtocolError::UnknownKind(9))
+        ));
         let mut dec = FrameDecoder::new();
         dec.extend(&[0, 0, 0, 0]);
         assert!(matches!(dec.next_frame(), Err(ProtocolError::EmptyFrame)));

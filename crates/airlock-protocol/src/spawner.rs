@@ -46,9 +46,11 @@ pub struct SpawnRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ToSpawner {
-    Spawn(SpawnRequest),
+    Spawn(Box<SpawnRequest>),
     /// Kill the whole sandbox of this call (SIGKILL to its pid-namespace init).
-    Kill { call_id: u64 },
+    Kill {
+        call_id: u64,
+    },
 }
 
 /// How a sandbox's init process ended.
@@ -63,16 +65,7 @@ pub enum ExitStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum FromSpawner {
-    Spawned {
-        call_id: u64,
-        pid: i32,
-    },
-    SpawnFailed {
-        call_id: u64,
-        error: String,
-    },
-    Exited {
-        call_id: u64,
-        status: ExitStatus,
-    },
+    Spawned { call_id: u64, pid: i32 },
+    SpawnFailed { call_id: u64, error: String },
+    Exited { call_id: u64, status: ExitStatus },
 }

@@ -157,7 +157,10 @@ impl Config {
         {
             return Err(invalid(
                 "workers.first_uid",
-                format!("range {}..={last} contains allowed peer uid {uid}", w.first_uid),
+                format!(
+                    "range {}..={last} contains allowed peer uid {uid}",
+                    w.first_uid
+                ),
             ));
         }
         if w.gid < 1000 {
@@ -238,8 +241,10 @@ mod tests {
             .contains("`workers.first_uid`"));
         assert!(err(&GOOD.replace("[101]", "[61005]")).contains("allowed peer uid 61005"));
         assert!(err(&GOOD.replace("[101]", "[]")).contains("`allowed_peer_uids`"));
-        assert!(err(&GOOD.replace("wall_clock_seconds = 5", "wall_clock_seconds = -1"))
-            .contains("`limits.wall_clock_seconds`"));
+        assert!(
+            err(&GOOD.replace("wall_clock_seconds = 5", "wall_clock_seconds = -1"))
+                .contains("`limits.wall_clock_seconds`")
+        );
         assert!(err(&GOOD.replace("\"/var/lib/airlock\"", "\"rel\"")).contains("`state_dir`"));
     }
 

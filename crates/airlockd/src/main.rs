@@ -34,6 +34,7 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
     if args.mode.as_deref() == Some("__spawner") {
@@ -70,8 +71,9 @@ fn main() -> anyhow::Result<()> {
         let daemon = Arc::new(server::Daemon::new(config.clone(), handle));
         tracing::info!(socket = %config.socket_path.display(), "airlockd listening");
         let shutdown = async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("installing a SIGTERM handler cannot fail in a fresh runtime");
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("installing a SIGTERM handler cannot fail in a fresh runtime");
             tokio::select! {
                 _ = term.recv() => {}
                 _ = tokio::signal::ctrl_c() => {}
@@ -90,7 +92,10 @@ fn bind(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener> {
     }
     // A socket file left by a crashed daemon; a live daemon would still answer on it.
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
-        bail!("another airlockd is already listening on {}", path.display());
+        bail!(
+            "another airlockd is already listening on {}",
+            path.display()
+        );
     }
     let _ = std::fs::remove_file(path);
     let listener = tokio::net::UnixListener::bind(path)

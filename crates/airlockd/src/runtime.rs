@@ -73,7 +73,10 @@ pub fn spawn_request(config: &Config, call: CallSpec<'_>) -> SpawnRequest {
     let (argv, mut env) = match call.language {
         Language::Python => (
             vec![
-                prefix.join("venv/bin/python3").to_string_lossy().into_owned(),
+                prefix
+                    .join("venv/bin/python3")
+                    .to_string_lossy()
+                    .into_owned(),
                 // Isolated mode: ignore PYTHON* variables and the user site directory.
                 "-I".into(),
                 // The runtime is read-only: do not try to write bytecode caches.

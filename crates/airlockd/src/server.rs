@@ -27,6 +27,7 @@ use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{UnixListener, UnixStream},
 };
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::{
@@ -84,7 +85,11 @@ impl Drop for WorkerLease<'_> {
 }
 
 /// Accepts connections until `shutdown` resolves.
-pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>, shutdown: impl Future<Output = ()>) {
+pub async fn serve(
+    listener: UnixListener,
+    daemon: Arc<Daemon>,
+    shutdown: impl Future<Output = ()>,
+) {
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -160,12 +165,10 @@ impl Conn {
         while sent < frame.len() {
             self.stream.writable().await?;
             let fds: &[i32] = if sent == 0 { &raw } else { &[] };
-            match self
-                .stream
-                .try_io(tokio::io::Interest::WRITABLE, || {
-                    sys::send_with_fds(self.stream.as_fd(), &frame[sent..], fds)
-                        .map_err(io::Error::from)
-                }) {
+            match self.stream.try_io(tokio::io::Interest::WRITABLE, || {
+                sys::send_with_fds(self.stream.as_fd(), &frame[sent..], fds)
+                    .map_err(io::Error::from)
+            }) {
                 Ok(n) => sent += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e.into()),
@@ -211,7 +214,10 @@ async fn handle(stream: UnixStream, daemon: &Daemon) -> Result<(), ConnError> {
         }
         other => {
             return conn
-                .refuse(RefusalKind::Protocol, format!("expected hello, got {other:?}"))
+                .refuse(
+                    RefusalKind::Protocol,
+                    format!("expected hello, got {other:?}"),
+                )
                 .await;
         }
     }
@@ -224,7 +230,10 @@ async fn handle(stream: UnixStream, daemon: &Daemon) -> Result<(), ConnError> {
         }) => (language, caller, script_sha256),
         Ok(other) => {
             return conn
-                .refuse(RefusalKind::Protocol, format!("expected execute, got {other:?}"))
+                .refuse(
+                    RefusalKind::Protocol,
+                    format!("expected execute, got {other:?}"),
+                )
                 .await;
         }
         Err(ConnError::Closed) => return Ok(()),
@@ -263,7 +272,34 @@ async fn execute(
     let call_id = daemon.next_call.fetch_add(1, Ordering::Relaxed);
     let session_id = Uuid::new_v4();
     let span = tracing::info_span!("call", %session_id, call_id, uid = worker.uid);
-    let _enter = span.enter();
+    run_call(
+        conn,
+        daemon,
+        language,
+        rt,
+        worker,
+        call_id,
+        session_id,
+        caller,
+        script_sha256,
+    )
+    .instrument(span)
+    .await
+}
+
+#[allow(clippy::too_many_arguments)] // one call's identity, passed once from execute()
+async fn run_call(
+    conn: &mut Conn,
+    daemon: &Daemon,
+    language: Language,
+    rt: &crate::config::Runtime,
+    worker: WorkerLease<'_>,
+    call_id: u64,
+    session_id: Uuid,
+    caller: airlock_protocol::control::Caller,
+    script_sha256: String,
+) -> Result<(), ConnError> {
+    let config = &daemon.config;
     tracing::info!(%language, database = %caller.database, role = %caller.role,
         backend_pid = caller.backend_pid, script_sha256 = %script_sha256, "call started");
 
@@ -272,7 +308,10 @@ async fn execute(
         Ok(s) => s,
         Err(e) => {
             return conn
-                .refuse(RefusalKind::Sandbox, format!("cannot create session folder: {e}"))
+                .refuse(
+                    RefusalKind::Sandbox,
+                    format!("cannot create session folder: {e}"),
+                )
                 .await;
         }
     };
@@ -285,7 +324,10 @@ async fn execute(
         Ok(p) => p,
         Err(e) => {
             return conn
-                .refuse(RefusalKind::Sandbox, format!("cannot create data socket: {e}"))
+                .refuse(
+                    RefusalKind::Sandbox,
+                    format!("cannot create data socket: {e}"),
+                )
                 .await;
         }
     };

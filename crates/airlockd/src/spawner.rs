@@ -33,10 +33,7 @@ pub enum SpawnerError {
     #[error("cannot create the spawner socketpair: {0}")]
     Socketpair(nix::Error),
     #[error("cannot start the spawner helper {exe}: {source}")]
-    Launch {
-        exe: String,
-        source: io::Error,
-    },
+    Launch { exe: String, source: io::Error },
     #[error("the spawner helper is gone")]
     Gone,
     #[error("sandbox could not be created: {0}")]
@@ -165,7 +162,7 @@ async fn pump(
                 match cmd {
                     Command_::Spawn { req, fd, started, exited } => {
                         let call_id = req.call_id;
-                        let frame = encode_control(&ToSpawner::Spawn(*req))
+                        let frame = encode_control(&ToSpawner::Spawn(req))
                             .map_err(|e| SpawnerError::Spawn(e.to_string()))?;
                         send(&afd, &frame, Some(&fd)).await?;
                         drop(fd);
@@ -226,7 +223,11 @@ fn dispatch(calls: &mut HashMap<u64, Pending>, msg: FromSpawner) {
     }
 }
 
-async fn send(afd: &AsyncFd<OwnedFd>, frame: &[u8], fd: Option<&OwnedFd>) -> Result<(), SpawnerError> {
+async fn send(
+    afd: &AsyncFd<OwnedFd>,
+    frame: &[u8],
+    fd: Option<&OwnedFd>,
+) -> Result<(), SpawnerError> {
     let raw: Vec<_> = fd.iter().map(|f| f.as_raw_fd()).collect();
     loop {
         let mut guard = afd.writable().await.map_err(|_| SpawnerError::Gone)?;
@@ -239,4 +240,3 @@ async fn send(afd: &AsyncFd<OwnedFd>, frame: &[u8], fd: Option<&OwnedFd>) -> Res
         }
     }
 }
-

@@ -20,13 +20,7 @@ pub fn send_with_fds(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[RawFd]) -> nix::
     } else {
         vec![ControlMessage::ScmRights(fds)]
     };
-    sendmsg::<()>(
-        sock.as_raw_fd(),
-        &iov,
-        &cmsgs,
-        MsgFlags::MSG_NOSIGNAL,
-        None,
-    )
+    sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsgs, MsgFlags::MSG_NOSIGNAL, None)
 }
 
 /// Receives into `buf`; returns the byte count and any fds that came with them, owned.

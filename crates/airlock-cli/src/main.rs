@@ -1,0 +1,54 @@
+//! `airlock`: the command-line tool.
+//!
+//! `airlock local start|status|stop` runs a complete Airlock on this machine for trying it
+//! out: a Postgres cluster under `./.airlock/` (run as the `postgres` OS user, reachable
+//! only through a private Unix socket), the extension installed, created and enabled, and
+//! `airlockd` in the background. The last line `start` prints is a libpq URI.
+#![forbid(unsafe_code)]
+
+mod local;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(version, about = "Airlock: sandboxed scripts next to your data")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// A local cluster and daemon for trying Airlock.
+    Local {
+        #[command(subcommand)]
+        action: LocalAction,
+        /// Where the local setup lives.
+        #[arg(long, global = true, default_value = ".airlock")]
+        dir: std::path::PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum LocalAction {
+    /// Create (or reuse) the cluster, start it and airlockd; print a connection URI.
+    Start,
+    /// Say whether the cluster and the daemon are running.
+    Status,
+    /// Stop the cluster and the daemon.
+    Stop,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Local { action, dir } => {
+            let local = local::Local::new(&dir)?;
+            match action {
+                LocalAction::Start => local.start(),
+                LocalAction::Status => local.status(),
+                LocalAction::Stop => local.stop(),
+            }
+        }
+    }
+}

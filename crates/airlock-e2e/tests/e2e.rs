@@ -1,0 +1,771 @@
+//! End-to-end tests: SQL through a real cluster, the real `airlockd`, real sandboxes and
+//! the real Python runtime. One cluster and one daemon serve every case; cases that need
+//! a setting of their own start their own.
+
+use std::{
+    sync::OnceLock,
+    thread,
+    time::{Duration, Instant},
+};
+
+use airlock_e2e::{eventually, postgres_user, Cluster, Daemon, DaemonSettings};
+use libtest_mimic::{Arguments, Failed, Trial};
+use postgres::{error::SqlState, Client, Row};
+
+/// Wall-clock limit of the shared daemon, seconds.
+const WALL_LIMIT: u32 = 4;
+const FIRST_UID: u32 = 62000;
+const WORKERS: u32 = 8;
+
+struct Env {
+    daemon: Daemon,
+    cluster: Cluster,
+}
+
+static ENV: OnceLock<Env> = OnceLock::new();
+
+fn env() -> &'static Env {
+    ENV.get().expect("set up in main")
+}
+
+type TestResult = Result<(), Failed>;
+
+impl From<postgres::Error> for PgErr {
+    fn from(e: postgres::Error) -> Self {
+        PgErr(e)
+    }
+}
+
+fn ensure(cond: bool, msg: impl Into<String>) -> TestResult {
+    if cond {
+        Ok(())
+    } else {
+        Err(msg.into().into())
+    }
+}
+
+/// A client error whose Display shows the server's message, code and detail.
+#[derive(Debug)]
+struct PgErr(postgres::Error);
+
+impl std::fmt::Display for PgErr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.as_db_error() {
+            Some(db) => write!(
+                f,
+                "{} (SQLSTATE {}) detail: {:?} hint: {:?}",
+                db.message(),
+                db.code().code(),
+                db.detail(),
+                db.hint()
+            ),
+            None => write!(f, "{}", self.0),
+        }
+    }
+}
+
+/// Runs a Python script through the real SQL entry point.
+fn py(
+    client: &mut Client,
+    script: &str,
+    input: Option<&str>,
+    columns: &str,
+) -> Result<Vec<Row>, PgErr> {
+    let sql =
+        format!("SELECT * FROM airlock.execute_external_script('python', $1, $2) AS r({columns})");
+    client
+        .query(sql.as_str(), &[&script, &input])
+        .map_err(PgErr)
+}
+
+/// The server's error from a failed call, or a test failure saying it succeeded.
+fn expect_err<T>(result: Result<Vec<Row>, T>) -> Result<postgres::error::DbError, Failed>
+where
+    T: Into<PgErr>,
+{
+    match result {
+        Ok(rows) => Err(format!("expected an error, got {} rows", rows.len()).into()),
+        Err(e) => match e.into().0.as_db_error() {
+            Some(db) => Ok(db.clone()),
+            None => Err("expected a server error, got a client error".into()),
+        },
+    }
+}
+
+fn expect_code(db: &postgres::error::DbError, code: &SqlState) -> TestResult {
+    ensure(
+        db.code() == code,
+        format!(
+            "expected SQLSTATE {}, got {}: {}",
+            code.code(),
+            db.code().code(),
+            db.message()
+        ),
+    )
+}
+
+fn expect_contains(haystack: &str, needle: &str) -> TestResult {
+    ensure(
+        haystack.contains(needle),
+        format!("expected {needle:?} in {haystack:?}"),
+    )
+}
+
+fn analyst() -> Client {
+    env().cluster.connect("analyst").0
+}
+
+fn superuser() -> Client {
+    env().cluster.connect("postgres").0
+}
+
+fn setup_roles(cluster: &Cluster) {
+    let (mut c, _) = cluster.connect("postgres");
+    c.batch_execute(
+        "CREATE ROLE analyst LOGIN;
+         GRANT airlock_script_executor TO analyst;
+         CREATE ROLE outsider LOGIN;
+         CREATE TABLE measurements (id int8, k int4, x float8, s text, b bool, small int2, f4 float4);
+         INSERT INTO measurements VALUES
+            (1, 10, 1.5, 'one', true, 1, 0.5),
+            (2, 20, NULL, 'zwei ü', false, NULL, NULL),
+            (3, NULL, -2.25, NULL, NULL, 3, 1.25),
+            (9223372036854775807, -2147483648, 1e300, '', true, -32768, 3.5);
+         GRANT SELECT ON measurements TO analyst;
+         CREATE TABLE secret (v int);
+         INSERT INTO secret VALUES (42);
+         CREATE TABLE owned_rows (owner name, v int);
+         INSERT INTO owned_rows VALUES ('analyst', 1), ('analyst', 2), ('someone_else', 3);
+         ALTER TABLE owned_rows ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY mine ON owned_rows USING (owner = current_user);
+         GRANT SELECT ON owned_rows TO analyst;",
+    )
+    .expect("setting up roles and tables");
+}
+
+// ---------------------------------------------------------------------------- cases
+
+fn happy_path_with_several_types() -> TestResult {
+    let mut c = analyst();
+    let rows = py(
+        &mut c,
+        "OutputDataSet = InputDataSet.assign(z = InputDataSet.id * 2)",
+        Some("SELECT id, k, x, s, b, small, f4 FROM measurements WHERE id < 100 ORDER BY id"),
+        "id int8, k int4, x float8, s text, b bool, small int2, f4 float4, z int8",
+    )?;
+    ensure(rows.len() == 3, format!("3 rows, got {}", rows.len()))?;
+    let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+    ensure(ids == [1, 2, 3], format!("ids {ids:?}"))?;
+    ensure(rows[0].get::<_, Option<i32>>(1) == Some(10), "k of row 1")?;
+    ensure(
+        rows[2].get::<_, Option<i32>>(1).is_none(),
+        "NULL int4 stays NULL",
+    )?;
+    ensure(rows[0].get::<_, Option<f64>>(2) == Some(1.5), "x of row 1")?;
+    ensure(
+        rows[1].get::<_, Option<f64>>(2).is_none(),
+        "NULL float8 comes back NULL",
+    )?;
+    ensure(
+        rows[1].get::<_, Option<String>>(3).as_deref() == Some("zwei ü"),
+        "non-ASCII text",
+    )?;
+    ensure(
+        rows[2].get::<_, Option<String>>(3).is_none(),
+        "NULL text stays NULL",
+    )?;
+    ensure(rows[0].get::<_, Option<bool>>(4) == Some(true), "bool")?;
+    ensure(rows[2].get::<_, Option<bool>>(4).is_none(), "NULL bool")?;
+    ensure(rows[1].get::<_, Option<i16>>(5).is_none(), "NULL int2")?;
+    ensure(rows[2].get::<_, Option<i16>>(5) == Some(3), "int2")?;
+    ensure(rows[2].get::<_, Option<f32>>(6) == Some(1.25), "float4")?;
+    let z: Vec<i64> = rows.iter().map(|r| r.get(7)).collect();
+    ensure(z == [2, 4, 6], format!("z {z:?}"))?;
+    Ok(())
+}
+
+fn extremes_round_trip() -> TestResult {
+    let mut c = analyst();
+    let rows = py(
+        &mut c,
+        "OutputDataSet = InputDataSet",
+        Some("SELECT id, k, x, s, small FROM measurements WHERE id > 100"),
+        "id int8, k int4, x float8, s text, small int2",
+    )?;
+    ensure(rows.len() == 1, "one row")?;
+    ensure(rows[0].get::<_, i64>(0) == i64::MAX, "int8 max kept")?;
+    ensure(rows[0].get::<_, i32>(1) == i32::MIN, "int4 min kept")?;
+    ensure(rows[0].get::<_, f64>(2) == 1e300, "float8 kept")?;
+    ensure(
+        rows[0].get::<_, String>(3).is_empty(),
+        "empty string is not NULL",
+    )?;
+    ensure(rows[0].get::<_, i16>(4) == i16::MIN, "int2 min kept")?;
+    Ok(())
+}
+
+fn script_sees_proper_dtypes() -> TestResult {
+    let mut c = analyst();
+    let rows = py(
+        &mut c,
+        "import pandas as pd\n\
+         OutputDataSet = pd.DataFrame({'col': list(InputDataSet.columns), 'dtype': [str(t) for t in InputDataSet.dtypes]})",
+        Some("SELECT id, x, s, b FROM measurements WHERE id = 1"),
+        "col text, dtype text",
+    )?;
+    let got: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let want = [
+        ("id", "int64"),
+        ("x", "float64"),
+        ("s", "object"),
+        ("b", "bool"),
+    ];
+    ensure(
+        got.iter()
+            .map(|(a, b)| (a.as_str(), b.as_str()))
+            .eq(want.iter().copied()),
+        format!("dtypes {got:?}"),
+    )
+}
+
+fn sp_alias_and_named_arguments() -> TestResult {
+    let mut c = analyst();
+    let rows = c.query(
+        "SELECT * FROM airlock.sp_execute_external_script(
+            language => 'python',
+            script => 'OutputDataSet = MyIn.assign(y = MyIn.id + 1)',
+            input_data_1 => 'SELECT id FROM measurements WHERE id < 3 ORDER BY id',
+            input_data_1_name => 'MyIn',
+            output_data_1_name => 'OutputDataSet') AS r(id int8, y int8)",
+        &[],
+    )?;
+    let y: Vec<i64> = rows.iter().map(|r| r.get(1)).collect();
+    ensure(y == [2, 3], format!("y {y:?}"))
+}
+
+fn no_input_query() -> TestResult {
+    let mut c = analyst();
+    let rows = py(
+        &mut c,
+        "import pandas as pd\nassert InputDataSet.shape == (0, 0)\nOutputDataSet = pd.DataFrame({'n': [1, 2, 3]})",
+        None,
+        "n int4",
+    )?;
+    ensure(rows.len() == 3, "three rows")
+}
+
+fn zero_row_input_keeps_columns() -> TestResult {
+    let mut c = analyst();
+    let rows = py(
+        &mut c,
+        "import pandas as pd\nOutputDataSet = pd.DataFrame({'cols': [','.join(InputDataSet.columns)], 'n': [len(InputDataSet)]})",
+        Some("SELECT id, x FROM measurements WHERE false"),
+        "cols text, n int8",
+    )?;
+    ensure(rows[0].get::<_, String>(0) == "id,x", "columns kept")?;
+    ensure(rows[0].get::<_, i64>(1) == 0, "zero rows")
+}
+
+fn many_batches() -> TestResult {
+    let mut c = analyst();
+    c.batch_execute("SET airlock.batch_rows = 1000")?;
+    let rows = c.query(
+        "SELECT * FROM airlock.execute_external_script('python',
+            'OutputDataSet = InputDataSet.assign(sq = InputDataSet.i * InputDataSet.i)',
+            'SELECT i::int8 AS i FROM generate_series(1, 25000) AS i') AS r(i int8, sq int8)",
+        &[],
+    )?;
+    ensure(
+        rows.len() == 25000,
+        format!("25000 rows, got {}", rows.len()),
+    )?;
+    let sum: i64 = rows.iter().map(|r| r.get::<_, i64>(1)).sum();
+    ensure(
+        sum == (1..=25000i64).map(|i| i * i).sum::<i64>(),
+        "sum of squares",
+    )
+}
+
+fn permission_denied_without_role() -> TestResult {
+    let (mut c, _) = env().cluster.connect("outsider");
+    let e = expect_err(py(&mut c, "OutputDataSet = None", None, "a int"))?;
+    expect_code(&e, &SqlState::INSUFFICIENT_PRIVILEGE)?;
+    expect_contains(e.message(), "outsider")?;
+    expect_contains(e.hint().unwrap_or(""), "GRANT airlock_script_executor")
+}
+
+fn superuser_needs_no_grant() -> TestResult {
+    let mut c = superuser();
+    let rows = py(
+        &mut c,
+        "import pandas as pd\nOutputDataSet = pd.DataFrame({'a': [7]})",
+        None,
+        "a int4",
+    )?;
+    ensure(rows[0].get::<_, i32>(0) == 7, "value")
+}
+
+fn input_query_runs_as_caller() -> TestResult {
+    let mut c = analyst();
+    let e = expect_err(py(
+        &mut c,
+        "OutputDataSet = InputDataSet",
+        Some("SELECT v FROM secret"),
+        "v int4",
+    ))?;
+    expect_code(&e, &SqlState::INSUFFICIENT_PRIVILEGE)?;
+    expect_contains(e.message(), "secret")
+}
+
+fn row_level_security_applies() -> TestResult {
+    let mut c = analyst();
+    let rows = py(
+        &mut c,
+        "OutputDataSet = InputDataSet",
+        Some("SELECT v FROM owned_rows ORDER BY v"),
+        "v int4",
+    )?;
+    let v: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
+    ensure(v == [1, 2], format!("RLS should leave [1, 2], got {v:?}"))
+}
+
+fn python_exception_is_an_error_with_traceback() -> TestResult {
+    let mut c = analyst();
+    let e = expect_err(py(&mut c, "x = 1\ny = x / 0\n", None, "a int"))?;
+    expect_code(&e, &SqlState::EXTERNAL_ROUTINE_EXCEPTION)?;
+    expect_contains(e.message(), "ZeroDivisionError: division by zero")?;
+    let detail = e.detail().unwrap_or("");
+    expect_contains(detail, "<script>")?;
+    expect_contains(detail, "line 2")?;
+    ensure(
+        !detail.contains("airlock_runtime"),
+        format!("shim frames leak into {detail:?}"),
+    )
+}
+
+fn missing_output_data_set() -> TestResult {
+    let mut c = analyst();
+    let e = expect_err(py(&mut c, "x = 1", None, "a int"))?;
+    expect_code(&e, &SqlState::EXTERNAL_ROUTINE_EXCEPTION)?;
+    expect_contains(e.message(), "did not set OutputDataSet")
+}
+
+fn output_not_a_data_frame() -> TestResult {
+    let mut c = analyst();
+    let e = expect_err(py(&mut c, "OutputDataSet = [1, 2]", None, "a int"))?;
+    expect_code(&e, &SqlState::EXTERNAL_ROUTINE_EXCEPTION)?;
+    expect_contains(
+        e.message(),
+        "OutputDataSet is a list, not a pandas DataFrame",
+    )
+}
+
+fn column_count_mismatch() -> TestResult {
+    let mut c = analyst();
+    let e = expect_err(py(
+        &mut c,
+        "import pandas as pd\nOutputDataSet = pd.DataFrame({'a': [1], 'b': [2]})",
+        None,
+        "a int8, b int8, c int8",
+    ))?;
+    expect_code(&e, &SqlState::DATATYPE_MISMATCH)?;
+    expect_contains(
+        e.message(),
+        "has 2 columns, the column definition list declares 3",
+    )
+}
+
+fn column_type_mismatch_names_column_and_types() -> TestResult {
+    let mut c = analyst();
+    let e = expect_err(py(
+        &mut c,
+        "import pandas as pd\nOutputDataSet = pd.DataFrame({'a': [1], 's': ['x']})",
+        None,
+        "a int8, s int4",
+    ))?;
+    expect_code(&e, &SqlState::DATATYPE_MISMATCH)?;
+    expect_contains(e.message(), "column 2 (\"s\")")?;
+    expect_contains(e.message(), "is string")?;
+    expect_contains(e.message(), "says integer")
+}
+
+fn value_out_of_range_for_declared_type() -> TestResult {
+    let mut c = analyst();
+    let e = expect_err(py(
+        &mut c,
+        "import pandas as pd\nOutputDataSet = pd.DataFrame({'a': [1, 3000000000]})",
+        None,
+        "a int4",
+    ))?;
+    expect_code(&e, &SqlState::NUMERIC_VALUE_OUT_OF_RANGE)?;
+    expect_contains(e.message(), "3000000000 in row 2")
+}
+
+fn unsupported_input_type_is_named() -> TestResult {
+    let mut c = analyst();
+    let e = expect_err(py(
+        &mut c,
+        "OutputDataSet = InputDataSet",
+        Some("SELECT now() AS t"),
+        "t text",
+    ))?;
+    expect_code(&e, &SqlState::FEATURE_NOT_SUPPORTED)?;
+    expect_contains(e.message(), "column 1 (\"t\")")?;
+    expect_contains(e.message(), "timestamp with time zone")
+}
+
+fn duplicate_input_columns_are_refused() -> TestResult {
+    let mut c = analyst();
+    let e = expect_err(py(
+        &mut c,
+        "OutputDataSet = InputDataSet",
+        Some("SELECT 1 AS a, 2 AS a"),
+        "a int",
+    ))?;
+    expect_code(&e, &SqlState::DUPLICATE_COLUMN)?;
+    expect_contains(e.message(), "\"a\" (columns 1 and 2)")
+}
+
+fn unknown_language() -> TestResult {
+    let mut c = analyst();
+    let e = expect_err(c.query(
+        "SELECT * FROM airlock.execute_external_script('cobol', 'x') AS r(a int)",
+        &[],
+    ))?;
+    expect_code(&e, &SqlState::INVALID_PARAMETER_VALUE)?;
+    expect_contains(e.message(), "cobol")
+}
+
+fn prints_become_notices() -> TestResult {
+    let (mut c, notices) = env().cluster.connect("analyst");
+    py(
+        &mut c,
+        "import sys, pandas as pd\nprint('hello from the sandbox')\nprint('to stderr', file=sys.stderr)\nOutputDataSet = pd.DataFrame({'a': [1]})",
+        None,
+        "a int",
+    )?;
+    let got = notices.lock().map(|n| n.clone()).unwrap_or_default();
+    ensure(
+        got.iter().any(|n| n == "hello from the sandbox"),
+        format!("notices {got:?}"),
+    )?;
+    ensure(
+        got.iter().any(|n| n == "to stderr"),
+        format!("notices {got:?}"),
+    )
+}
+
+fn print_flood_is_cut_with_a_note() -> TestResult {
+    let (mut c, notices) = env().cluster.connect("analyst");
+    c.batch_execute("SET airlock.max_print_bytes = 1000")?;
+    py(
+        &mut c,
+        "import pandas as pd\nfor i in range(2000): print('line', i)\nOutputDataSet = pd.DataFrame({'a': [1]})",
+        None,
+        "a int",
+    )?;
+    let got = notices.lock().map(|n| n.clone()).unwrap_or_default();
+    let shown: usize = got
+        .iter()
+        .filter(|n| n.starts_with("line"))
+        .map(|n| n.len())
+        .sum();
+    ensure(
+        shown <= 1000,
+        format!("{shown} bytes shown past a 1000-byte limit"),
+    )?;
+    ensure(
+        got.iter().any(|n| n.contains("not shown")),
+        format!("no truncation note in {:?}", got.last()),
+    )
+}
+
+fn script_runs_as_a_worker_uid() -> TestResult {
+    let mut c = analyst();
+    let rows = py(
+        &mut c,
+        "import os, pandas as pd\nOutputDataSet = pd.DataFrame({'uid': [os.getuid()], 'euid': [os.geteuid()], 'gid': [os.getgid()]})",
+        None,
+        "uid int8, euid int8, gid int8",
+    )?;
+    let uid: i64 = rows[0].get(0);
+    let pg = postgres_user().uid.as_raw() as i64;
+    ensure(
+        uid != 0 && uid != pg,
+        format!("uid {uid} must be neither 0 nor postgres ({pg})"),
+    )?;
+    ensure(
+        (FIRST_UID as i64..(FIRST_UID + WORKERS) as i64).contains(&uid),
+        format!("uid {uid} outside the worker range"),
+    )?;
+    ensure(rows[0].get::<_, i64>(1) == uid, "euid == uid")?;
+    ensure(
+        rows[0].get::<_, i64>(2) == FIRST_UID as i64,
+        "gid is the workers' group",
+    )
+}
+
+fn session_folder_is_private_and_removed() -> TestResult {
+    let mut c = analyst();
+    let rows = py(
+        &mut c,
+        "import os, pandas as pd\nst = os.stat('.')\nopen('scratch.txt', 'w').write('x')\n\
+         OutputDataSet = pd.DataFrame({'cwd': [os.getcwd()], 'mode': [st.st_mode & 0o777], 'owner': [st.st_uid == os.getuid()], 'home': [os.environ['HOME']]})",
+        None,
+        "cwd text, mode int4, owner bool, home text",
+    )?;
+    let cwd: String = rows[0].get(0);
+    let name = cwd.rsplit('/').next().unwrap_or("");
+    ensure(
+        name.len() == 36 && name.matches('-').count() == 4,
+        format!("cwd {cwd} is not named by a UUID"),
+    )?;
+    ensure(rows[0].get::<_, i32>(1) == 0o700, "mode 0700")?;
+    ensure(rows[0].get::<_, bool>(2), "owned by the worker")?;
+    ensure(
+        rows[0].get::<_, String>(3) == cwd,
+        "HOME is the session folder",
+    )?;
+    let host = env().daemon.sessions_dir().join(name);
+    ensure(
+        eventually(Duration::from_secs(2), || !host.exists()),
+        format!("{} still exists after the call", host.display()),
+    )
+}
+
+fn no_network_to_the_cluster() -> TestResult {
+    let cluster = &env().cluster;
+    let script = format!(
+        "import socket, errno, pandas as pd\n\
+         def attempt(family, addr):\n\
+         \x20   s = socket.socket(family, socket.SOCK_STREAM)\n\
+         \x20   try:\n\
+         \x20       s.connect(addr)\n\
+         \x20       return 'connected'\n\
+         \x20   except OSError as e:\n\
+         \x20       return errno.errorcode.get(e.errno, str(e.errno))\n\
+         OutputDataSet = pd.DataFrame({{'tcp': [attempt(socket.AF_INET, ('127.0.0.1', {port}))],\n\
+         \x20                              'unix': [attempt(socket.AF_UNIX, '{sock}')]}})",
+        port = cluster.port,
+        sock = cluster.socket_file().display(),
+    );
+    let mut c = analyst();
+    let rows = py(&mut c, &script, None, "tcp text, unix text")?;
+    let tcp: String = rows[0].get(0);
+    let unix: String = rows[0].get(1);
+    ensure(
+        tcp == "ENETUNREACH",
+        format!("TCP to the cluster's port gave {tcp}"),
+    )?;
+    ensure(
+        unix == "ENOENT",
+        format!("the cluster's Unix socket gave {unix}"),
+    )
+}
+
+fn timeout_kills_the_sandbox_and_the_next_call_works() -> TestResult {
+    let mut c = analyst();
+    let started = Instant::now();
+    let e = expect_err(py(&mut c, "import time\ntime.sleep(600)", None, "a int"))?;
+    let took = started.elapsed();
+    expect_code(&e, &SqlState::PROGRAM_LIMIT_EXCEEDED)?;
+    expect_contains(e.message(), &format!("wall-clock limit of {WALL_LIMIT} s"))?;
+    ensure(
+        took < Duration::from_secs(WALL_LIMIT as u64 + 3),
+        format!("timeout took {took:?}"),
+    )?;
+    let rows = py(
+        &mut c,
+        "import pandas as pd\nOutputDataSet = pd.DataFrame({'a': [1]})",
+        None,
+        "a int",
+    )?;
+    ensure(rows.len() == 1, "the next call works")
+}
+
+fn cancel_returns_promptly_and_kills_the_sandbox() -> TestResult {
+    let (mut c, notices) = env().cluster.connect("analyst");
+    let pid: i32 = c.query_one("SELECT pg_backend_pid()", &[])?.get(0);
+    let canceller = thread::spawn(move || -> Result<(), postgres::Error> {
+        thread::sleep(Duration::from_millis(1500));
+        superuser().execute("SELECT pg_cancel_backend($1)", &[&pid])?;
+        Ok(())
+    });
+    let started = Instant::now();
+    let e = expect_err(py(
+        &mut c,
+        "import os, time\nprint(os.getcwd(), flush=True)\ntime.sleep(600)",
+        None,
+        "a int",
+    ))?;
+    let took = started.elapsed();
+    canceller.join().map_err(|_| "canceller panicked")??;
+    expect_code(&e, &SqlState::QUERY_CANCELED)?;
+    ensure(
+        took < Duration::from_secs(3),
+        format!("cancel took {took:?}"),
+    )?;
+    let cwd = notices
+        .lock()
+        .map(|n| n.iter().find(|l| l.starts_with("/sessions/")).cloned())
+        .unwrap_or_default()
+        .ok_or("the script's first print never arrived")?;
+    let host = env()
+        .daemon
+        .sessions_dir()
+        .join(cwd.trim_start_matches("/sessions/"));
+    ensure(
+        eventually(Duration::from_secs(2), || !host.exists()),
+        format!("{} still exists after cancel", host.display()),
+    )?;
+    let rows = py(
+        &mut c,
+        "import pandas as pd\nOutputDataSet = pd.DataFrame({'a': [1]})",
+        None,
+        "a int",
+    )?;
+    ensure(rows.len() == 1, "the next call works")
+}
+
+fn statement_timeout_applies() -> TestResult {
+    let mut c = analyst();
+    c.batch_execute("SET statement_timeout = '1s'")?;
+    let started = Instant::now();
+    let e = expect_err(py(&mut c, "import time\ntime.sleep(600)", None, "a int"))?;
+    expect_code(&e, &SqlState::QUERY_CANCELED)?;
+    ensure(
+        started.elapsed() < Duration::from_secs(3),
+        format!("took {:?}", started.elapsed()),
+    )
+}
+
+fn daemon_not_running_hints_how_to_start_it() -> TestResult {
+    let mut c = superuser();
+    c.batch_execute("SET airlock.socket_path = '/nonexistent/airlockd.sock'")?;
+    let e = expect_err(py(&mut c, "x = 1", None, "a int"))?;
+    expect_code(&e, &SqlState::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION)?;
+    expect_contains(e.message(), "/nonexistent/airlockd.sock")?;
+    expect_contains(e.hint().unwrap_or(""), "airlockd")
+}
+
+fn socket_path_is_superuser_only() -> TestResult {
+    let mut c = analyst();
+    let err = c
+        .batch_execute("SET airlock.socket_path = '/tmp/evil.sock'")
+        .err()
+        .ok_or("an analyst could point the extension at another socket")?;
+    ensure(
+        err.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE),
+        format!("got {err}"),
+    )
+}
+
+fn daemon_refuses_other_peers() -> TestResult {
+    use std::io::{Read, Write};
+    // This test process runs as root, which is not in allowed_peer_uids.
+    let mut s = std::os::unix::net::UnixStream::connect(&env().daemon.socket)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let _ = s.write_all(b"\x05\x00\x00\x00\x01{}{}");
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).unwrap_or(0);
+    ensure(n == 0, "the daemon answered a peer that is not allowed")?;
+    ensure(
+        eventually(Duration::from_secs(2), || {
+            env().daemon.log().contains("refused peer")
+        }),
+        "the refusal is logged",
+    )
+}
+
+fn switch_off_is_an_error_with_the_fix() -> TestResult {
+    // A cluster of its own: the switch is server-wide.
+    let cluster = Cluster::start(&env().daemon.socket, false);
+    let result = (|| -> TestResult {
+        let (mut c, _) = cluster.connect("postgres");
+        let e = expect_err(py(&mut c, "x = 1", None, "a int"))?;
+        expect_code(&e, &SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE)?;
+        expect_contains(e.message(), "disabled")?;
+        expect_contains(
+            e.hint().unwrap_or(""),
+            "ALTER SYSTEM SET airlock.enabled = on",
+        )?;
+        // And the documented fix works.
+        c.batch_execute("ALTER SYSTEM SET airlock.enabled = on")
+            .map_err(PgErr)?;
+        c.batch_execute("SELECT pg_reload_conf()").map_err(PgErr)?;
+        let ok = eventually(Duration::from_secs(5), || {
+            py(
+                &mut c,
+                "import pandas as pd\nOutputDataSet = pd.DataFrame({'a': [1]})",
+                None,
+                "a int",
+            )
+            .is_ok()
+        });
+        ensure(ok, "enabling the switch did not take effect")
+    })();
+    cluster.stop();
+    result
+}
+
+fn main() {
+    let args = Arguments::from_args();
+    let daemon = Daemon::start(DaemonSettings {
+        first_uid: FIRST_UID,
+        count: WORKERS,
+        wall_clock_seconds: WALL_LIMIT as f64,
+    });
+    let cluster = Cluster::start(&daemon.socket, true);
+    setup_roles(&cluster);
+    if ENV.set(Env { daemon, cluster }).is_err() {
+        unreachable!("main runs once");
+    }
+
+    macro_rules! trials {
+        ($($f:ident),* $(,)?) => {
+            vec![$(Trial::test(stringify!($f), $f)),*]
+        };
+    }
+    let trials = trials![
+        happy_path_with_several_types,
+        extremes_round_trip,
+        script_sees_proper_dtypes,
+        sp_alias_and_named_arguments,
+        no_input_query,
+        zero_row_input_keeps_columns,
+        many_batches,
+        permission_denied_without_role,
+        superuser_needs_no_grant,
+        input_query_runs_as_caller,
+        row_level_security_applies,
+        python_exception_is_an_error_with_traceback,
+        missing_output_data_set,
+        output_not_a_data_frame,
+        column_count_mismatch,
+        column_type_mismatch_names_column_and_types,
+        value_out_of_range_for_declared_type,
+        unsupported_input_type_is_named,
+        duplicate_input_columns_are_refused,
+        unknown_language,
+        prints_become_notices,
+        print_flood_is_cut_with_a_note,
+        script_runs_as_a_worker_uid,
+        session_folder_is_private_and_removed,
+        no_network_to_the_cluster,
+        timeout_kills_the_sandbox_and_the_next_call_works,
+        cancel_returns_promptly_and_kills_the_sandbox,
+        statement_timeout_applies,
+        daemon_not_running_hints_how_to_start_it,
+        socket_path_is_superuser_only,
+        daemon_refuses_other_peers,
+        switch_off_is_an_error_with_the_fix,
+    ];
+    let conclusion = libtest_mimic::run(&args, trials);
+    let env = env();
+    if conclusion.has_failed() {
+        eprintln!("---- airlockd log ----\n{}", env.daemon.log());
+    }
+    env.cluster.stop();
+    env.daemon.stop();
+    conclusion.exit();
+}

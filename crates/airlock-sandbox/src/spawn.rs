@@ -1,0 +1,217 @@
+//! Starting one sandbox: clone into fresh namespaces, map the worker identity, release
+//! the child, and learn whether it reached `execve`.
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+
+use airlock_protocol::spawner::{ExitStatus, SpawnRequest};
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::sched::CloneFlags;
+use nix::sys::signal::Signal;
+use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
+use nix::unistd::{getgroups, pipe2, read, write};
+
+use crate::plan::Plan;
+use crate::setup::{self, ChildFds, Failure, FAILURE_LEN};
+use crate::sys::{self, Cloned};
+use crate::SandboxError;
+
+/// A running sandbox: its init process (the runtime), pid 1 of its own pid namespace.
+/// Killing it kills every process of the sandbox.
+///
+/// Dropping a `Sandbox` that was not waited for kills and reaps it, so neither a
+/// process nor a zombie outlives its handle.
+#[derive(Debug)]
+pub struct Sandbox {
+    /// The init's pid in the spawner's pid namespace.
+    pub pid: i32,
+    pub pidfd: OwnedFd,
+    reaped: bool,
+}
+
+impl Sandbox {
+    /// Sends SIGKILL to the sandbox's init, which takes the whole pid namespace with it.
+    /// Killing a sandbox that already exited is not an error.
+    pub fn kill(&self) -> Result<(), SandboxError> {
+        match sys::pidfd_send_signal(self.pidfd.as_fd(), Signal::SIGKILL as i32) {
+            Ok(()) | Err(Errno::ESRCH) => Ok(()),
+            Err(source) => Err(SandboxError::Kill {
+                pid: self.pid,
+                source,
+            }),
+        }
+    }
+
+    /// Waits for the init to exit and reaps it. The kernel reports the init's exit only
+    /// once every other process of its pid namespace is gone. Call it when the pidfd is
+    /// readable to avoid blocking.
+    pub fn wait(&mut self) -> Result<ExitStatus, SandboxError> {
+        loop {
+            match waitid(Id::PIDFd(self.pidfd.as_fd()), WaitPidFlag::WEXITED) {
+                Ok(WaitStatus::Exited(_, code)) => {
+                    self.reaped = true;
+                    return Ok(ExitStatus::Code { code });
+                }
+                Ok(WaitStatus::Signaled(_, signal, _)) => {
+                    self.reaped = true;
+                    return Ok(ExitStatus::Signal {
+                        signal: signal as i32,
+                    });
+                }
+                // Stops and continues are not asked for (no WSTOPPED / WCONTINUED).
+                Ok(_) | Err(Errno::EINTR) => continue,
+                Err(source) => {
+                    return Err(SandboxError::Wait {
+                        pid: self.pid,
+                        source,
+                    })
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if !self.reaped {
+            let _ = self.kill();
+            let _ = self.wait();
+        }
+    }
+}
+
+/// The namespaces every sandbox gets. Network: only a loopback interface, down. IPC:
+/// no SysV objects shared with Postgres. UTS: its own hostname. Pid: the runtime is
+/// pid 1 and sees only its descendants. Mount and user: see `setup`.
+const NAMESPACES: CloneFlags = CloneFlags::CLONE_NEWUSER
+    .union(CloneFlags::CLONE_NEWNS)
+    .union(CloneFlags::CLONE_NEWPID)
+    .union(CloneFlags::CLONE_NEWNET)
+    .union(CloneFlags::CLONE_NEWIPC)
+    .union(CloneFlags::CLONE_NEWUTS);
+
+/// Starts the runtime of `req` in a new sandbox, `data_fd` as its fd 3. Returns once the
+/// runtime has been exec'd, or with the step that failed (`"mount proc on /proc: EPERM:
+/// …"`).
+///
+/// Meant to be called from a single-threaded process: the spawner (see
+/// [`crate::run_spawner`]). The caller must be root in the initial user namespace and
+/// must have no supplementary groups (checked: the sandbox would inherit them). The
+/// sandbox gets SIGKILL when the *thread* that called `spawn` exits.
+///
+/// Between clone and exec the child does only async-signal-safe work on a plan built
+/// here beforehand, so a multithreaded caller (a test harness) is sound; but the child
+/// then briefly holds copies of every fd other threads opened, until it closes all but
+/// fds 0-3 just before exec.
+pub fn spawn(req: &SpawnRequest, data_fd: OwnedFd) -> Result<Sandbox, SandboxError> {
+    let mut plan = Plan::new(req)?;
+    refuse_supplementary_groups()?;
+    let (release_read, release_write) =
+        pipe2(OFlag::O_CLOEXEC).map_err(|source| SandboxError::Pipe {
+            what: "release",
+            source,
+        })?;
+    let (result_read, result_write) =
+        pipe2(OFlag::O_CLOEXEC).map_err(|source| SandboxError::Pipe {
+            what: "result",
+            source,
+        })?;
+
+    let (pid, pidfd) =
+        match sys::clone_sandbox_init(NAMESPACES.bits() as u64).map_err(SandboxError::Clone)? {
+            Cloned::Child => setup::child_main(
+                &mut plan,
+                ChildFds {
+                    data: data_fd.as_fd(),
+                    release_read: release_read.as_fd(),
+                    release_write: release_write.as_raw_fd(),
+                    result_read: result_read.as_raw_fd(),
+                    result_write: result_write.as_fd(),
+                },
+            ),
+            Cloned::Parent { pid, pidfd } => (pid, pidfd),
+        };
+    // The parent's copies of the child's ends: the result pipe must see EOF when the
+    // child execs, and the data socket belongs to the sandbox now.
+    drop((data_fd, release_read, result_write));
+    let mut sandbox = Sandbox {
+        pid,
+        pidfd,
+        reaped: false,
+    };
+    // On any error below, dropping `sandbox` kills and reaps the child.
+    write_id_maps(pid, req.uid, req.gid)?;
+    release(&release_write)?;
+    drop(release_write);
+    match read_result(&result_read)? {
+        None => Ok(sandbox),
+        Some(bytes) => {
+            // The child _exits right after reporting; reap it before answering.
+            let _ = sandbox.wait();
+            Err(Failure::decode(&bytes, req))
+        }
+    }
+}
+
+/// A sandbox would keep the caller's supplementary groups (setgroups is denied inside),
+/// and root's groups open files no worker should read.
+fn refuse_supplementary_groups() -> Result<(), SandboxError> {
+    let groups = getgroups().map_err(SandboxError::GetGroups)?;
+    if groups.is_empty() {
+        return Ok(());
+    }
+    Err(SandboxError::SupplementaryGroups {
+        groups: groups.into_iter().map(|g| g.as_raw()).collect(),
+    })
+}
+
+/// Maps only the worker identity into the sandbox's user namespace: uid 0 inside does
+/// not exist, so nothing there can act as root, and host root's files appear as
+/// `nobody`. `setgroups` is denied first, so the sandbox can never drop a group to get
+/// past a negative group permission.
+fn write_id_maps(pid: i32, uid: u32, gid: u32) -> Result<(), SandboxError> {
+    for (file, contents) in [
+        ("setgroups", "deny".to_string()),
+        ("uid_map", format!("{uid} {uid} 1\n")),
+        ("gid_map", format!("{gid} {gid} 1\n")),
+    ] {
+        std::fs::write(format!("/proc/{pid}/{file}"), contents)
+            .map_err(|source| SandboxError::IdMap { pid, file, source })?;
+    }
+    Ok(())
+}
+
+fn release(release_write: &OwnedFd) -> Result<(), SandboxError> {
+    loop {
+        match write(release_write, &[1]) {
+            Ok(_) => return Ok(()),
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(SandboxError::Release(e)),
+        }
+    }
+}
+
+/// EOF with nothing read: the child exec'd (the pipe is close-on-exec). A full record:
+/// the step that failed.
+fn read_result(result_read: &OwnedFd) -> Result<Option<[u8; FAILURE_LEN]>, SandboxError> {
+    let mut buf = [0u8; FAILURE_LEN];
+    let mut len = 0;
+    loop {
+        match read(result_read, &mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => {
+                len += n;
+                if len == FAILURE_LEN {
+                    break;
+                }
+            }
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(SandboxError::SetupResult(e)),
+        }
+    }
+    match len {
+        0 => Ok(None),
+        FAILURE_LEN => Ok(Some(buf)),
+        len => Err(SandboxError::MalformedResult { len }),
+    }
+}

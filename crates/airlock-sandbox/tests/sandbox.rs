@@ -1,0 +1,605 @@
+//! Real sandboxes, started as root: each test runs a shell or Python inside one and
+//! asserts what it observed, written to the data socket (fd 3) or the session folder.
+//!
+//! Every sandbox is waited for (or killed and reaped when its handle drops) and its
+//! mounts live only in its own mount namespace, so nothing is left behind on the host
+//! beyond the temporary directories, which each fixture removes.
+
+use std::fs;
+use std::io::Read;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use airlock_protocol::spawner::{ExitStatus, FromSpawner, RoMount, SpawnRequest, ToSpawner};
+use airlock_sandbox::{
+    recv_message, run_spawner, send_message, spawn, SandboxError, MAX_MESSAGE_LEN,
+};
+use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+use nix::unistd::{chown, setgroups, Gid, Uid};
+
+/// The worker identity of these tests: neither root nor Postgres (101 on Debian).
+const WORKER: u32 = 61000;
+
+/// Root, with no supplementary groups (a sandbox would inherit them; `spawn` refuses).
+fn init() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        assert!(
+            Uid::effective().is_root(),
+            "the sandbox tests need root (user namespaces with a mapped worker uid)"
+        );
+        setgroups(&[]).expect("drop supplementary groups");
+    });
+}
+
+/// A private temp directory holding the (empty) root mountpoint and a session folder
+/// owned by the worker.
+struct Fixture {
+    dir: PathBuf,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        init();
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "airlock-sandbox-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        fs::create_dir(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+        fs::create_dir(dir.join("root")).unwrap();
+        let session = dir.join("session");
+        fs::create_dir(&session).unwrap();
+        fs::set_permissions(&session, fs::Permissions::from_mode(0o700)).unwrap();
+        chown(
+            &session,
+            Some(Uid::from_raw(WORKER)),
+            Some(Gid::from_raw(WORKER)),
+        )
+        .unwrap();
+        Fixture { dir }
+    }
+
+    fn session(&self) -> PathBuf {
+        self.dir.join("session")
+    }
+
+    fn request(&self, argv: &[&str]) -> SpawnRequest {
+        SpawnRequest {
+            call_id: 1,
+            uid: WORKER,
+            gid: WORKER,
+            root_mountpoint: self.dir.join("root"),
+            session_dir: self.session(),
+            session_target: "/session".into(),
+            ro_mounts: vec![
+                RoMount {
+                    host: "/usr".into(),
+                    target: "/usr".into(),
+                },
+                RoMount {
+                    host: "/etc/ld.so.cache".into(),
+                    target: "/etc/ld.so.cache".into(),
+                },
+            ],
+            symlinks: [
+                ("/bin", "usr/bin"),
+                ("/lib", "usr/lib"),
+                ("/lib64", "usr/lib64"),
+                ("/sbin", "usr/sbin"),
+            ]
+            .iter()
+            .map(|(l, t)| (l.into(), t.into()))
+            .collect(),
+            argv: argv.iter().map(|a| a.to_string()).collect(),
+            env: vec![
+                ("PATH".into(), "/usr/bin".into()),
+                ("LANG".into(), "C.UTF-8".into()),
+            ],
+            hostname: "airlock-test".into(),
+            tmp_size_bytes: 8 << 20,
+        }
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn sh(script: &str) -> Vec<&str> {
+    vec!["/usr/bin/sh", "-c", script]
+}
+
+/// Python with stdout redirected to the data socket.
+fn py(script: &str) -> String {
+    format!("import os, sys, errno\nsys.stdout = os.fdopen(3, 'w')\n{script}")
+}
+
+fn data_pair() -> (OwnedFd, OwnedFd) {
+    socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .expect("socketpair")
+}
+
+/// Runs `req` to completion: what it wrote to fd 3, and how it exited.
+fn run(req: &SpawnRequest) -> (String, ExitStatus) {
+    let (ours, theirs) = data_pair();
+    let mut sandbox = spawn(req, theirs).expect("spawn");
+    let mut out = String::new();
+    fs::File::from(ours).read_to_string(&mut out).unwrap();
+    let status = sandbox.wait().expect("wait");
+    (out, status)
+}
+
+fn run_ok(req: &SpawnRequest) -> String {
+    let (out, status) = run(req);
+    assert_eq!(status, ExitStatus::Code { code: 0 }, "output: {out}");
+    out
+}
+
+/// The pid namespace of a host pid, e.g. `pid:[4026532301]`.
+fn pid_ns(pid: i32) -> Option<PathBuf> {
+    fs::read_link(format!("/proc/{pid}/ns/pid")).ok()
+}
+
+/// Host pids whose pid namespace is `ns`.
+fn processes_in(ns: &Path) -> Vec<i32> {
+    fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| pid_ns(*pid).as_deref() == Some(ns))
+        .collect()
+}
+
+/// Reads from `fd` until `want` has been seen.
+fn read_until(fd: &OwnedFd, want: &str) -> String {
+    let mut file = fs::File::from(fd.try_clone().unwrap());
+    let mut got = String::new();
+    let mut buf = [0u8; 256];
+    while !got.contains(want) {
+        let n = file.read(&mut buf).unwrap();
+        assert!(n > 0, "EOF before {want:?}; got {got:?}");
+        got.push_str(std::str::from_utf8(&buf[..n]).unwrap());
+    }
+    got
+}
+
+#[test]
+fn runs_as_the_worker_never_root() {
+    let fx = Fixture::new();
+    let out = run_ok(&fx.request(&sh(
+        "{ id -u; id -g; id -G; id -un; cat /proc/self/uid_map /proc/self/gid_map; } >&3",
+    )));
+    let lines: Vec<Vec<&str>> = out
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            vec!["61000"],
+            vec!["61000"],
+            vec!["61000"],
+            vec!["airlock"],
+            vec!["61000", "61000", "1"],
+            vec!["61000", "61000", "1"],
+        ],
+        "uid, gid, groups (no supplementary ones), name, and only the worker mapped"
+    );
+}
+
+#[test]
+fn has_no_capabilities_and_no_new_privs() {
+    let fx = Fixture::new();
+    let out = run_ok(&fx.request(&sh("grep -E '^(Cap|NoNewPrivs)' /proc/self/status >&3")));
+    assert_eq!(
+        out,
+        "CapInh:\t0000000000000000\n\
+         CapPrm:\t0000000000000000\n\
+         CapEff:\t0000000000000000\n\
+         CapBnd:\t0000000000000000\n\
+         CapAmb:\t0000000000000000\n\
+         NoNewPrivs:\t1\n"
+    );
+}
+
+#[test]
+fn is_pid_1_and_sees_only_its_own_processes() {
+    let fx = Fixture::new();
+    let script =
+        py("print(os.getpid(), sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))");
+    let out = run_ok(&fx.request(&["/usr/bin/python3", "-c", &script]));
+    assert_eq!(out, "1 [1]\n");
+}
+
+#[test]
+fn host_directories_do_not_exist() {
+    let fx = Fixture::new();
+    let out = run_ok(&fx.request(&sh(
+        "for p in /root /var/lib/postgresql /home /etc/shadow /run /var; do \
+           if [ -e $p ]; then echo \"$p exists\"; else echo \"$p absent\"; fi; \
+         done >&3",
+    )));
+    assert_eq!(
+        out,
+        "/root absent\n/var/lib/postgresql absent\n/home absent\n/etc/shadow absent\n\
+         /run absent\n/var absent\n"
+    );
+}
+
+#[test]
+fn root_usr_dev_and_etc_are_read_only() {
+    let fx = Fixture::new();
+    let script = py(
+        "for p in ['/usr/airlock-x', '/airlock-x', '/etc/passwd', '/etc/airlock-x', '/dev/airlock-x']:\n\
+         \x20   try:\n\
+         \x20       open(p, 'w')\n\
+         \x20       print(p, 'written')\n\
+         \x20   except OSError as e:\n\
+         \x20       print(p, errno.errorcode[e.errno])\n",
+    );
+    let out = run_ok(&fx.request(&["/usr/bin/python3", "-c", &script]));
+    assert_eq!(
+        out,
+        "/usr/airlock-x EROFS\n/airlock-x EROFS\n/etc/passwd EROFS\n/etc/airlock-x EROFS\n\
+         /dev/airlock-x EROFS\n"
+    );
+}
+
+#[test]
+fn every_mount_is_nosuid_and_only_scratch_mounts_are_writable() {
+    let fx = Fixture::new();
+    let mut req = fx.request(&sh("cat /proc/self/mountinfo >&3"));
+    // Host /dev has mounts below it (/dev/shm, /dev/pts, writable on the host): the
+    // read-only flag must reach them too.
+    req.ro_mounts.push(RoMount {
+        host: "/dev".into(),
+        target: "/mnt/hostdev".into(),
+    });
+    let out = run_ok(&req);
+    let mounts: Vec<(String, Vec<String>)> = out
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let opts = f[5]
+                .split(',')
+                .filter(|o| ["ro", "rw", "nosuid", "nodev", "noexec"].contains(o))
+                .map(String::from)
+                .collect();
+            (f[4].to_string(), opts)
+        })
+        .collect();
+    let opts_of = |mp: &str| {
+        mounts
+            .iter()
+            .find(|(m, _)| m == mp)
+            .map(|(_, o)| o.join(","))
+            .unwrap_or_else(|| panic!("no mount at {mp}: {out}"))
+    };
+    assert_eq!(opts_of("/"), "ro,nosuid,nodev");
+    assert_eq!(opts_of("/usr"), "ro,nosuid,nodev");
+    assert_eq!(opts_of("/etc/ld.so.cache"), "ro,nosuid,nodev");
+    assert_eq!(opts_of("/dev"), "ro,nosuid,noexec");
+    assert_eq!(opts_of("/dev/null"), "rw,nosuid,noexec");
+    assert_eq!(opts_of("/dev/urandom"), "rw,nosuid,noexec");
+    assert_eq!(opts_of("/proc"), "rw,nosuid,nodev,noexec");
+    assert_eq!(opts_of("/tmp"), "rw,nosuid,nodev");
+    assert_eq!(opts_of("/session"), "rw,nosuid,nodev");
+    assert_eq!(opts_of("/mnt/hostdev/shm"), "ro,nosuid,nodev");
+    for (mp, opts) in &mounts {
+        assert!(opts.contains(&"nosuid".to_string()), "{mp}: {opts:?}");
+        if mp.starts_with("/mnt/hostdev") {
+            assert_eq!(opts[..3], ["ro", "nosuid", "nodev"], "{mp}");
+        }
+    }
+    assert_eq!(
+        mounts.len(),
+        13 + mounts
+            .iter()
+            .filter(|(m, _)| m.starts_with("/mnt/hostdev/"))
+            .count(),
+        "/, /usr, /etc/ld.so.cache, /mnt/hostdev, /dev, 5 nodes, /proc, /tmp, /session: {out}"
+    );
+}
+
+#[test]
+fn passwd_and_group_hold_only_the_worker() {
+    let fx = Fixture::new();
+    let out = run_ok(&fx.request(&sh("cat /etc/passwd /etc/group >&3")));
+    assert_eq!(
+        out,
+        "airlock:x:61000:61000:airlock:/session:/usr/sbin/nologin\nairlock:x:61000:\n"
+    );
+}
+
+#[test]
+fn session_is_the_writable_cwd_and_tmp_is_private_and_writable() {
+    let fx = Fixture::new();
+    fs::write(fx.dir.join("outside"), "secret").unwrap();
+    let out = run_ok(&fx.request(&sh(
+        "{ pwd; echo hi > note.txt && echo wrote; echo t > /tmp/t && cat /tmp/t; \
+           stat -c '%a %U' /tmp /session; ls -A /tmp; } >&3",
+    )));
+    assert_eq!(out, "/session\nwrote\nt\n1777 airlock\n700 airlock\nt\n");
+    let note = fx.session().join("note.txt");
+    assert_eq!(fs::read_to_string(&note).unwrap(), "hi\n");
+    assert_eq!(fs::metadata(&note).unwrap().uid(), WORKER);
+}
+
+#[test]
+fn only_loopback_exists_and_it_is_down() {
+    let fx = Fixture::new();
+    let script = py("import socket\n\
+         print([l.split(':')[0].strip() for l in open('/proc/net/dev').readlines()[2:]])\n\
+         try:\n\
+         \x20   socket.create_connection(('127.0.0.1', 5432), timeout=5)\n\
+         \x20   print('connected')\n\
+         except OSError as e:\n\
+         \x20   print(errno.errorcode[e.errno])\n");
+    let out = run_ok(&fx.request(&["/usr/bin/python3", "-c", &script]));
+    assert_eq!(out, "['lo']\nENETUNREACH\n");
+}
+
+#[test]
+fn environment_is_exactly_the_requested_one() {
+    let fx = Fixture::new();
+    let mut req = fx.request(&sh("cat /proc/$$/environ >&3"));
+    req.env = vec![("A".into(), "1".into()), ("B".into(), "two words".into())];
+    assert_eq!(run_ok(&req), "A=1\0B=two words\0");
+}
+
+#[test]
+fn only_fds_0_to_3_are_open_with_dev_null_and_the_socket() {
+    let fx = Fixture::new();
+    // An fd this process holds without CLOEXEC must not reach the sandbox.
+    let leak = fs::File::open("/etc/hostname").unwrap();
+    let leak_fd: OwnedFd = leak.into();
+    nix::fcntl::fcntl(
+        &leak_fd,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+    )
+    .unwrap();
+    // Python as the runtime itself (a shell would park fds of its own while
+    // redirecting); it scans before opening anything.
+    let script = "import os\n\
+        fds = []\n\
+        for fd in range(4096):\n\
+        \x20   try:\n\
+        \x20       os.fstat(fd)\n\
+        \x20       fds.append(fd)\n\
+        \x20   except OSError:\n\
+        \x20       pass\n\
+        links = [os.readlink('/proc/self/fd/%d' % fd) for fd in fds]\n\
+        os.write(3, ('%s\\n%s\\n' % (fds, links[:3])).encode())\n\
+        os.write(3, links[3].split('[')[0].encode())\n";
+    let out = run_ok(&fx.request(&["/usr/bin/python3", "-c", script]));
+    drop(leak_fd);
+    assert_eq!(
+        out,
+        "[0, 1, 2, 3]\n['/dev/null', '/dev/null', '/dev/null']\nsocket:"
+    );
+}
+
+#[test]
+fn hostname_is_the_requested_one() {
+    let fx = Fixture::new();
+    let out = run_ok(&fx.request(&sh("cat /proc/sys/kernel/hostname >&3")));
+    assert_eq!(out, "airlock-test\n");
+}
+
+#[test]
+fn nonexistent_program_fails_at_the_exec_step() {
+    let fx = Fixture::new();
+    let (_ours, theirs) = data_pair();
+    let err = spawn(&fx.request(&["/nonexistent/runtime"]), theirs).unwrap_err();
+    assert!(matches!(err, SandboxError::Exec { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        "execve /nonexistent/runtime: ENOENT: No such file or directory"
+    );
+}
+
+#[test]
+fn missing_mount_source_fails_before_cloning() {
+    let fx = Fixture::new();
+    let mut req = fx.request(&["/usr/bin/true"]);
+    req.ro_mounts.push(RoMount {
+        host: "/nonexistent/runtime".into(),
+        target: "/opt/runtime".into(),
+    });
+    let (_ours, theirs) = data_pair();
+    let err = spawn(&req, theirs).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("stat ro mount source /nonexistent/runtime: "),
+        "{err}"
+    );
+}
+
+#[test]
+fn exit_code_is_reported() {
+    let fx = Fixture::new();
+    let (_, status) = run(&fx.request(&sh("exit 7")));
+    assert_eq!(status, ExitStatus::Code { code: 7 });
+}
+
+#[test]
+fn kill_takes_down_the_whole_sandbox_promptly() {
+    let fx = Fixture::new();
+    let (ours, theirs) = data_pair();
+    let mut sandbox = spawn(
+        &fx.request(&sh("sleep 1000 & sleep 1000 & echo started >&3; wait")),
+        theirs,
+    )
+    .unwrap();
+    read_until(&ours, "started\n");
+    let ns = pid_ns(sandbox.pid).expect("sandbox pid namespace");
+    assert_eq!(processes_in(&ns).len(), 3, "sh and two sleeps");
+
+    let start = Instant::now();
+    sandbox.kill().unwrap();
+    assert_eq!(sandbox.wait().unwrap(), ExitStatus::Signal { signal: 9 });
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(processes_in(&ns), Vec::<i32>::new());
+    // Every holder of the data socket is gone.
+    let mut rest = String::new();
+    fs::File::from(ours).read_to_string(&mut rest).unwrap();
+    assert_eq!(rest, "");
+}
+
+/// The daemon's side of a spawner running on a thread of this process.
+struct Daemon {
+    sock: OwnedFd,
+    buf: Vec<u8>,
+}
+
+impl Daemon {
+    fn start() -> (Self, std::thread::JoinHandle<Result<(), SandboxError>>) {
+        init();
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        let thread = std::thread::spawn(move || run_spawner(theirs));
+        (
+            Daemon {
+                sock: ours,
+                buf: vec![0; MAX_MESSAGE_LEN],
+            },
+            thread,
+        )
+    }
+
+    /// Sends a spawn request; returns our end of its data socket.
+    fn spawn(&self, req: SpawnRequest) -> OwnedFd {
+        let (ours, theirs) = data_pair();
+        send_message(
+            self.sock.as_fd(),
+            &ToSpawner::Spawn(Box::new(req)),
+            Some(theirs.as_fd()),
+        )
+        .unwrap();
+        ours
+    }
+
+    fn recv(&mut self) -> FromSpawner {
+        let (msg, fds) = recv_message::<FromSpawner>(self.sock.as_fd(), &mut self.buf)
+            .unwrap()
+            .expect("spawner closed its socket");
+        assert!(fds.is_empty());
+        msg
+    }
+}
+
+#[test]
+fn spawner_spawns_reports_exit_kills_and_refuses() {
+    let fx = Fixture::new();
+    let (mut daemon, thread) = Daemon::start();
+
+    // Spawn, output, exit.
+    let mut req = fx.request(&sh("echo hello >&3; exit 3"));
+    req.call_id = 10;
+    let data = daemon.spawn(req);
+    let FromSpawner::Spawned { call_id: 10, pid } = daemon.recv() else {
+        panic!("expected Spawned for call 10");
+    };
+    assert!(pid > 1);
+    let mut out = String::new();
+    fs::File::from(data).read_to_string(&mut out).unwrap();
+    assert_eq!(out, "hello\n");
+    assert_eq!(
+        daemon.recv(),
+        FromSpawner::Exited {
+            call_id: 10,
+            status: ExitStatus::Code { code: 3 }
+        }
+    );
+
+    // Kill.
+    let mut req = fx.request(&sh("sleep 1000 & echo started >&3; wait"));
+    req.call_id = 11;
+    let data = daemon.spawn(req);
+    assert!(matches!(
+        daemon.recv(),
+        FromSpawner::Spawned { call_id: 11, .. }
+    ));
+    read_until(&data, "started\n");
+    let start = Instant::now();
+    send_message(daemon.sock.as_fd(), &ToSpawner::Kill { call_id: 11 }, None).unwrap();
+    assert_eq!(
+        daemon.recv(),
+        FromSpawner::Exited {
+            call_id: 11,
+            status: ExitStatus::Signal { signal: 9 }
+        }
+    );
+    assert!(start.elapsed() < Duration::from_secs(5));
+    // Killing a call that is gone is not an error.
+    send_message(daemon.sock.as_fd(), &ToSpawner::Kill { call_id: 11 }, None).unwrap();
+
+    // Failures are answered, not fatal.
+    let mut req = fx.request(&["/nonexistent/runtime"]);
+    req.call_id = 12;
+    let _data = daemon.spawn(req);
+    let FromSpawner::SpawnFailed { call_id: 12, error } = daemon.recv() else {
+        panic!("expected SpawnFailed for call 12");
+    };
+    assert_eq!(
+        error,
+        "execve /nonexistent/runtime: ENOENT: No such file or directory"
+    );
+    let mut req = fx.request(&["/usr/bin/true"]);
+    req.call_id = 13;
+    send_message(daemon.sock.as_fd(), &ToSpawner::Spawn(Box::new(req)), None).unwrap();
+    let FromSpawner::SpawnFailed { call_id: 13, error } = daemon.recv() else {
+        panic!("expected SpawnFailed for call 13");
+    };
+    assert_eq!(
+        error,
+        "a spawn request carries exactly one fd (the data socket), this one carried 0"
+    );
+
+    drop(daemon);
+    thread.join().unwrap().unwrap();
+}
+
+#[test]
+fn spawner_kills_everything_when_the_daemon_goes_away() {
+    let fx = Fixture::new();
+    let (mut daemon, thread) = Daemon::start();
+    let mut req = fx.request(&sh("sleep 1000 & echo started >&3; wait"));
+    req.call_id = 20;
+    let data = daemon.spawn(req);
+    let FromSpawner::Spawned { pid, .. } = daemon.recv() else {
+        panic!("expected Spawned");
+    };
+    read_until(&data, "started\n");
+    let ns = pid_ns(pid).expect("sandbox pid namespace");
+    assert_eq!(processes_in(&ns).len(), 2);
+
+    drop(daemon);
+    thread.join().unwrap().unwrap();
+    assert_eq!(processes_in(&ns), Vec::<i32>::new());
+    let mut rest = String::new();
+    fs::File::from(data).read_to_string(&mut rest).unwrap();
+    assert_eq!(rest, "");
+}

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Builds Airlock from this tree and installs it: the binaries, the extension, and the
+# Python runtime. Needs what install.sh installs. Used by install.sh and by the tests,
+# so tests always run against the tree's own code.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+say() { printf 'build-install: %s\n' "$*"; }
+
+say "building airlockd and airlock (release)"
+cargo build --release --locked -p airlockd -p airlock-cli
+install -m 0755 target/release/airlockd target/release/airlock /usr/local/bin/
+
+say "installing the extension into PostgreSQL 15"
+(cd crates/airlock-ext && cargo pgrx install --release --pg-config /usr/bin/pg_config >/dev/null)
+
+scripts/setup-python-runtime.sh
