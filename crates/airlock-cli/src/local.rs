@@ -247,7 +247,7 @@ impl Local {
 
     fn start_daemon(&self) -> Result<()> {
         if let Some(pid) = self.daemon_pid() {
-            if hello(&self.daemon_socket()).is_ok() {
+            if self.ping().is_ok() {
                 println!("airlock: airlockd already running (pid {pid})");
                 return Ok(());
             }
@@ -266,7 +266,7 @@ impl Local {
         fs::write(self.daemon_pidfile(), child.id().to_string())?;
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            match hello(&self.daemon_socket()) {
+            match self.ping() {
                 Ok(()) => break,
                 Err(e) if Instant::now() > deadline => {
                     bail!(
@@ -294,7 +294,7 @@ impl Local {
             .arg("-D")
             .arg(self.pgdata())
             .arg("-l")
-            .arg(self.dir.join("postgres.log"))
+            .arg(self.pgdata().join("postgres.log"))
             .args(["-w", "-t", "60"])
             .output()
             .context("running pg_ctl start")?;
@@ -302,7 +302,7 @@ impl Local {
             bail!(
                 "pg_ctl start failed: {}; see {}",
                 String::from_utf8_lossy(&out.stderr).trim(),
-                self.dir.join("postgres.log").display()
+                self.pgdata().join("postgres.log").display()
             );
         }
         println!("airlock: cluster started");
@@ -326,7 +326,7 @@ impl Local {
     pub fn status(&self) -> Result<()> {
         let cluster = self.cluster_running();
         let daemon = self.daemon_pid();
-        let daemon_ok = daemon.is_some() && hello(&self.daemon_socket()).is_ok();
+        let daemon_ok = daemon.is_some() && self.ping().is_ok();
         println!("cluster: {}", if cluster { "running" } else { "stopped" });
         match daemon {
             Some(pid) if daemon_ok => println!("airlockd: running (pid {pid})"),
@@ -338,6 +338,25 @@ impl Local {
             Ok(())
         } else {
             bail!("local Airlock is not fully running; `airlock local start` starts it")
+        }
+    }
+
+    /// Says hello to the daemon as the postgres user: the daemon answers only the
+    /// uids in its allowed_peer_uids, and this also proves Postgres can reach the socket.
+    fn ping(&self) -> Result<()> {
+        let me = std::env::current_exe().context("locating the airlock binary")?;
+        let out = Command::new(me)
+            .arg("__ping")
+            .arg(self.daemon_socket())
+            .uid(self.postgres.uid.as_raw())
+            .gid(self.postgres.gid.as_raw())
+            .current_dir("/")
+            .output()
+            .context("running airlock __ping")?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            bail!("{}", String::from_utf8_lossy(&out.stderr).trim())
         }
     }
 

@@ -19,6 +19,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Internal: say hello to a daemon socket (run as the postgres user by `local`).
+    #[command(name = "__ping", hide = true)]
+    Ping { socket: std::path::PathBuf },
     /// A local cluster and daemon for trying Airlock.
     Local {
         #[command(subcommand)]
@@ -42,6 +45,7 @@ enum LocalAction {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Ping { socket } => local::hello(&socket),
         Command::Local { action, dir } => {
             let local = local::Local::new(&dir)?;
             match action {
