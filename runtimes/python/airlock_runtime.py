@@ -146,6 +146,8 @@ class Channel:
     def __init__(self, sock):
         self.sock = sock
         self.send_lock = threading.Lock()
+        # Largest frame the backend accepts from us; start's max_frame_bytes lowers it.
+        self.max_frame = MAX_FRAME_LEN
 
     def recv_frame(self):
         """Returns (kind, payload), or None on a clean end of stream between frames."""
@@ -193,8 +195,8 @@ class Channel:
 
     def _send(self, kind, payload):
         length = len(payload) + 1
-        if length > MAX_FRAME_LEN:
-            raise ValueError(f"frame of {length} bytes is above the limit of {MAX_FRAME_LEN}")
+        if length > self.max_frame:
+            raise ValueError(f"frame of {length} bytes is above the limit of {self.max_frame}")
         header = length.to_bytes(4, "little") + bytes([kind])
         with self.send_lock:
             if length < 64 * 1024:
@@ -235,6 +237,7 @@ def read_start(chan):
         "has_input": bool,
         "max_print_bytes": int,
         "output_batch_rows": int,
+        "max_frame_bytes": int,
     }
     for name, typ in fields.items():
         value = msg.get(name)
@@ -245,6 +248,9 @@ def read_start(chan):
         raise ProtocolError("start message: max_print_bytes is negative")
     if msg["output_batch_rows"] < 1:
         raise ProtocolError("start message: output_batch_rows must be at least 1")
+    if msg["max_frame_bytes"] < 1024:
+        raise ProtocolError("start message: max_frame_bytes must be at least 1024")
+    chan.max_frame = min(MAX_FRAME_LEN, msg["max_frame_bytes"])
     return msg
 
 
@@ -640,19 +646,19 @@ def normalize_types(table, name, libs):
 
 
 def send_batch(chan, batch, libs):
-    """Sends one batch as one Arrow frame, splitting it if it would pass MAX_FRAME_LEN."""
+    """Sends one batch as one Arrow frame, splitting it if it would pass the frame limit."""
     pa = libs.pa
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, batch.schema) as writer:
         writer.write_batch(batch)
     buf = sink.getvalue()
-    if buf.size + 1 > MAX_FRAME_LEN:
+    if buf.size + 1 > chan.max_frame:
         if batch.num_rows <= 1:
             raise Failure(
                 "output",
                 "OutputError",
                 f"one row of the output takes {buf.size} bytes, above the frame limit "
-                f"of {MAX_FRAME_LEN}",
+                f"of {chan.max_frame}",
                 "",
                 EXIT_SCRIPT,
             )

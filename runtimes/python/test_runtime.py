@@ -50,6 +50,7 @@ def start_msg(script, **overrides):
         "has_input": False,
         "max_print_bytes": 1 << 20,
         "output_batch_rows": 65536,
+        "max_frame_bytes": 64 << 20,
     }
     msg.update(overrides)
     return msg

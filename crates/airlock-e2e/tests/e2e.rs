@@ -138,7 +138,9 @@ fn setup_roles(cluster: &Cluster) {
          INSERT INTO owned_rows VALUES ('analyst', 1), ('analyst', 2), ('someone_else', 3);
          ALTER TABLE owned_rows ENABLE ROW LEVEL SECURITY;
          CREATE POLICY mine ON owned_rows USING (owner = current_user);
-         GRANT SELECT ON owned_rows TO analyst;",
+         GRANT SELECT ON owned_rows TO analyst;
+         CREATE DOMAIN posint AS int4 CHECK (VALUE > 0);
+         CREATE DOMAIN required_text AS text NOT NULL;",
     )
     .expect("setting up roles and tables");
 }
@@ -426,6 +428,144 @@ fn duplicate_input_columns_are_refused() -> TestResult {
     expect_contains(e.message(), "\"a\" (columns 1 and 2)")
 }
 
+fn domains_are_checked_on_output() -> TestResult {
+    let mut c = analyst();
+    let e = expect_err(py(
+        &mut c,
+        "import pandas as pd\nOutputDataSet = pd.DataFrame({'a': [1, -1]})",
+        None,
+        "a posint",
+    ))?;
+    expect_code(&e, &SqlState::CHECK_VIOLATION)?;
+    let e = expect_err(py(
+        &mut c,
+        "import pandas as pd\nOutputDataSet = pd.DataFrame({'s': ['x', None]})",
+        None,
+        "s required_text",
+    ))?;
+    expect_code(&e, &SqlState::NOT_NULL_VIOLATION)?;
+    let rows = py(
+        &mut c,
+        "import pandas as pd\nOutputDataSet = pd.DataFrame({'a': [5], 's': ['ok']})",
+        None,
+        "a posint, s required_text",
+    )?;
+    ensure(rows.len() == 1, "valid domain values pass")
+}
+
+fn float4_overflow_is_an_error() -> TestResult {
+    let mut c = analyst();
+    let e = expect_err(py(
+        &mut c,
+        "import pandas as pd\nOutputDataSet = pd.DataFrame({'f': [1.0, 1e300]})",
+        None,
+        "f float4",
+    ))?;
+    expect_code(&e, &SqlState::NUMERIC_VALUE_OUT_OF_RANGE)?;
+    expect_contains(e.message(), "out of range for real")
+}
+
+/// A script that bypasses the shim and writes raw bytes to the data socket, then waits.
+fn hostile(raw_frames_python: &str) -> String {
+    format!(
+        "import os, time, struct\n\
+         def frame(kind, payload):\n\
+         \x20   return struct.pack('<I', len(payload) + 1) + bytes([kind]) + payload\n\
+         {raw_frames_python}\n\
+         time.sleep(30)\n"
+    )
+}
+
+fn hostile_runtime_cannot_hurt_the_backend() -> TestResult {
+    let mut c = analyst();
+    let cases: [(&str, &str); 4] = [
+        (
+            "os.write(3, struct.pack('<I', 2**31) + b'\\x02')",
+            "exceeds the limit of 67108864 bytes",
+        ),
+        (
+            "os.write(3, frame(1, b'{not json'))",
+            "malformed control message",
+        ),
+        ("os.write(3, frame(2, b'\\xff' * 64))", "bad output batch"),
+        (
+            // A Null column claims a billion rows for a few hundred bytes.
+            "import pyarrow as pa\n\
+             b = pa.RecordBatch.from_arrays([pa.nulls(10**9)], names=['a'])\n\
+             sink = pa.BufferOutputStream()\n\
+             w = pa.ipc.new_stream(sink, b.schema); w.write_batch(b); w.close()\n\
+             os.write(3, frame(2, sink.getvalue().to_pybytes()))",
+            "an output batch of 1000000000 rows exceeds the limit",
+        ),
+    ];
+    for (raw, want) in cases {
+        let started = Instant::now();
+        let e = expect_err(py(&mut c, &hostile(raw), None, "a int4"))?;
+        expect_code(&e, &SqlState::PROTOCOL_VIOLATION)?;
+        expect_contains(e.message(), want)?;
+        ensure(
+            started.elapsed() < Duration::from_secs(3),
+            format!("{want}: took {:?}", started.elapsed()),
+        )?;
+    }
+    let rows = py(
+        &mut c,
+        "import pandas as pd\nOutputDataSet = pd.DataFrame({'a': [1]})",
+        None,
+        "a int4",
+    )?;
+    ensure(rows.len() == 1, "the backend is fine afterwards")
+}
+
+fn fds_from_the_runtime_are_not_accepted() -> TestResult {
+    let (mut c, notices) = env().cluster.connect("analyst");
+    // The script hands its stdin (fd 0) along with a well-formed print frame; the kernel
+    // must drop the fd, and the frame must still arrive.
+    let script = hostile(
+        "import socket, json\n\
+         s = socket.socket(fileno=os.dup(3))\n\
+         socket.send_fds(s, [frame(1, json.dumps({'type': 'print', 'text': 'fd sent'}).encode())], [0])\n\
+         s.close()\n\
+         os.write(3, frame(1, b'{not json'))",
+    );
+    let e = expect_err(py(&mut c, &script, None, "a int4"))?;
+    expect_code(&e, &SqlState::PROTOCOL_VIOLATION)?;
+    let got = notices.lock().map(|n| n.clone()).unwrap_or_default();
+    ensure(
+        got.iter().any(|n| n == "fd sent"),
+        format!("notices {got:?}"),
+    )
+}
+
+fn session_folder_is_removed_after_an_error() -> TestResult {
+    let (mut c, notices) = env().cluster.connect("analyst");
+    let e = expect_err(py(
+        &mut c,
+        "import os\nopen('left.txt', 'w').write('x')\nprint(os.getcwd(), flush=True)\nraise ValueError('boom')",
+        None,
+        "a int",
+    ))?;
+    expect_code(&e, &SqlState::EXTERNAL_ROUTINE_EXCEPTION)?;
+    session_folder_gone(&notices)
+}
+
+/// The session folder the script printed as its first NOTICE no longer exists on the host.
+fn session_folder_gone(notices: &airlock_e2e::Notices) -> TestResult {
+    let cwd = notices
+        .lock()
+        .map(|n| n.iter().find(|l| l.starts_with("/sessions/")).cloned())
+        .unwrap_or_default()
+        .ok_or("the script's print of its folder never arrived")?;
+    let host = env()
+        .daemon
+        .sessions_dir()
+        .join(cwd.trim_start_matches("/sessions/"));
+    ensure(
+        eventually(Duration::from_secs(2), || !host.exists()),
+        format!("{} still exists", host.display()),
+    )
+}
+
 fn unknown_language() -> TestResult {
     let mut c = analyst();
     let e = expect_err(c.query(
@@ -535,11 +675,13 @@ fn session_folder_is_private_and_removed() -> TestResult {
 
 fn no_network_to_the_cluster() -> TestResult {
     let cluster = &env().cluster;
+    // With the seccomp filter on, creating an AF_INET socket already fails (EPERM); the
+    // empty network namespace beneath it (ENETUNREACH) is proven by the sandbox tests.
     let script = format!(
         "import socket, errno, pandas as pd\n\
          def attempt(family, addr):\n\
-         \x20   s = socket.socket(family, socket.SOCK_STREAM)\n\
          \x20   try:\n\
+         \x20       s = socket.socket(family, socket.SOCK_STREAM)\n\
          \x20       s.connect(addr)\n\
          \x20       return 'connected'\n\
          \x20   except OSError as e:\n\
@@ -554,7 +696,7 @@ fn no_network_to_the_cluster() -> TestResult {
     let tcp: String = rows[0].get(0);
     let unix: String = rows[0].get(1);
     ensure(
-        tcp == "ENETUNREACH",
+        tcp == "EPERM" || tcp == "ENETUNREACH",
         format!("TCP to the cluster's port gave {tcp}"),
     )?;
     ensure(
@@ -564,9 +706,14 @@ fn no_network_to_the_cluster() -> TestResult {
 }
 
 fn timeout_kills_the_sandbox_and_the_next_call_works() -> TestResult {
-    let mut c = analyst();
+    let (mut c, notices) = env().cluster.connect("analyst");
     let started = Instant::now();
-    let e = expect_err(py(&mut c, "import time\ntime.sleep(600)", None, "a int"))?;
+    let e = expect_err(py(
+        &mut c,
+        "import os, subprocess, time\nprint(os.getcwd(), flush=True)\nsubprocess.Popen(['sleep', '600'])\ntime.sleep(600)",
+        None,
+        "a int",
+    ))?;
     let took = started.elapsed();
     expect_code(&e, &SqlState::PROGRAM_LIMIT_EXCEEDED)?;
     expect_contains(e.message(), &format!("wall-clock limit of {WALL_LIMIT} s"))?;
@@ -574,6 +721,7 @@ fn timeout_kills_the_sandbox_and_the_next_call_works() -> TestResult {
         took < Duration::from_secs(WALL_LIMIT as u64 + 3),
         format!("timeout took {took:?}"),
     )?;
+    session_folder_gone(&notices)?;
     let rows = py(
         &mut c,
         "import pandas as pd\nOutputDataSet = pd.DataFrame({'a': [1]})",
@@ -747,6 +895,11 @@ fn main() {
         unsupported_input_type_is_named,
         duplicate_input_columns_are_refused,
         unknown_language,
+        domains_are_checked_on_output,
+        float4_overflow_is_an_error,
+        hostile_runtime_cannot_hurt_the_backend,
+        fds_from_the_runtime_are_not_accepted,
+        session_folder_is_removed_after_an_error,
         prints_become_notices,
         print_flood_is_cut_with_a_note,
         script_runs_as_a_worker_uid,

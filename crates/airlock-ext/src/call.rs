@@ -16,7 +16,7 @@ use std::{
 
 use airlock_protocol::{
     control::{Caller, Language, Outcome, Reply, Request},
-    data::{ErrorPhase, FromRuntime, ToRuntime},
+    data::{FromRuntime, ToRuntime},
     encode_control, FrameKind, PROTOCOL_VERSION,
 };
 use pgrx::pg_sys;
@@ -35,8 +35,9 @@ pub const EXECUTOR_ROLE: &CStr = c"airlock_script_executor";
 /// How long to wait for the daemon's final word once the runtime is done.
 const ENDED_WAIT: Duration = Duration::from_secs(10);
 
-/// Flush an input batch early once it holds this much text.
-const BATCH_TEXT_BYTES: usize = 64 << 20;
+/// Flush an input batch early once it holds about this many bytes. Well below the
+/// runtime's frame limit, which is the same as ours for its output.
+const BATCH_BYTES: usize = 32 << 20;
 
 /// The SQL arguments of one call.
 pub struct CallArgs<'a> {
@@ -123,6 +124,7 @@ struct ResultSet {
     rsinfo: *mut pg_sys::ReturnSetInfo,
     tupdesc: pg_sys::TupleDesc,
     tupstore: *mut pg_sys::Tuplestorestate,
+    per_query: pg_sys::MemoryContext,
 }
 
 impl ResultSet {
@@ -156,6 +158,7 @@ impl ResultSet {
                 rsinfo,
                 tupdesc,
                 tupstore,
+                per_query,
             })
         }
     }
@@ -181,8 +184,7 @@ impl Input {
     /// permissions, row-level security) are raised by Postgres itself, before any sandbox
     /// exists.
     fn open(query: &str) -> Result<Input, CallError> {
-        let q = CString::new(query).map_err(|_| CallError::Protocol {
-            peer: Peer::Runtime,
+        let q = CString::new(query).map_err(|_| CallError::Internal {
             message: "the input query contains a NUL character".into(),
         })?;
         // SAFETY: SPI is connected by the caller; q is NUL-terminated; the planned
@@ -219,50 +221,48 @@ impl Input {
     fn stream(&mut self, data: &mut Channel, batch_rows: i64) -> Result<u64, CallError> {
         let mut total = 0u64;
         let mut sent_any = false;
-        // Detoasted copies of each batch's values live in this context, reset per batch.
-        let mut batch_cx = pgrx::PgMemoryContexts::new("airlock input batch");
         loop {
             // SAFETY: the portal is open; SPI_cursor_fetch sets SPI_tuptable and
-            // SPI_processed, which we read and then free.
-            let (done, frame) = unsafe {
+            // SPI_processed, which are read here and freed below.
+            let (n, tt) = unsafe {
                 pg_sys::SPI_cursor_fetch(self.portal, true, batch_rows as _);
-                let n = pg_sys::SPI_processed;
-                let tt = pg_sys::SPI_tuptable;
-                let encoder = &mut self.encoder;
-                let mut frame = None;
-                batch_cx.switch_to(|_| -> Result<(), CallError> {
-                    if n > 0 && !tt.is_null() {
-                        let vals = std::slice::from_raw_parts((*tt).vals, n as usize);
-                        for &tuple in vals {
-                            encoder.append(tuple, (*tt).tupdesc);
-                            if encoder.text_bytes() >= BATCH_TEXT_BYTES {
-                                // Huge text values: ship what we have before going on.
-                                let f = encoder.finish_frame()?;
-                                frame.get_or_insert_with(Vec::new).push(f);
-                            }
-                        }
-                    }
-                    Ok(())
-                })?;
-                if !tt.is_null() {
-                    pg_sys::SPI_freetuptable(tt);
-                }
-                total += n;
-                let done = n < batch_rows as u64;
-                if self.encoder.rows() > 0 || (done && !sent_any && frame.is_none()) {
-                    // The last batch may be empty: it still carries the schema.
-                    let f = batch_cx.switch_to(|_| self.encoder.finish_frame())?;
-                    frame.get_or_insert_with(Vec::new).push(f);
-                }
-                (done, frame)
+                (pg_sys::SPI_processed, pg_sys::SPI_tuptable)
             };
-            for f in frame.into_iter().flatten() {
-                data.send(&f, None)?;
+            if n > 0 && !tt.is_null() {
+                // SAFETY: SPI_tuptable holds SPI_processed valid tuples and their
+                // descriptor until SPI_freetuptable.
+                let (vals, tupdesc) = unsafe {
+                    (
+                        std::slice::from_raw_parts((*tt).vals, n as usize),
+                        (*tt).tupdesc,
+                    )
+                };
+                for (i, &tuple) in vals.iter().enumerate() {
+                    if i % 4096 == 4095 {
+                        pgrx::check_for_interrupts!();
+                    }
+                    // SAFETY: tuple belongs to the table described by tupdesc, the
+                    // cursor's descriptor the encoder was planned from.
+                    unsafe { self.encoder.append(tuple, tupdesc) };
+                    if self.encoder.approx_bytes() >= BATCH_BYTES {
+                        // Wide rows or huge values: ship what we have before going on,
+                        // so a batch never outgrows the memory budget or a frame.
+                        data.send(&self.encoder.finish_frame()?, None)?;
+                        sent_any = true;
+                    }
+                }
+            }
+            if !tt.is_null() {
+                // SAFETY: the table came from the fetch above and is not used again.
+                unsafe { pg_sys::SPI_freetuptable(tt) };
+            }
+            total += n;
+            let done = n < batch_rows as u64;
+            if self.encoder.rows() > 0 || (done && !sent_any) {
+                // The last batch may be empty: it still carries the schema.
+                data.send(&self.encoder.finish_frame()?, None)?;
                 sent_any = true;
             }
-            // SAFETY: nothing allocated in batch_cx outlives this iteration: the frame
-            // bytes are Rust-owned and the tuple table was freed above.
-            unsafe { batch_cx.reset() };
             if done {
                 return Ok(total);
             }
@@ -326,9 +326,8 @@ fn start_session(language: Language, script: &str) -> Result<Session, CallError>
 }
 
 fn encode<T: serde::Serialize>(msg: &T) -> Result<Vec<u8>, CallError> {
-    encode_control(msg).map_err(|e| CallError::Protocol {
-        peer: Peer::Daemon,
-        message: e.to_string(),
+    encode_control(msg).map_err(|e| CallError::Internal {
+        message: format!("cannot encode a message: {e}"),
     })
 }
 
@@ -390,7 +389,7 @@ fn failure_after_send(data: &mut Channel, control: &mut Channel) -> CallError {
                 error_type,
                 message,
                 traceback,
-                output_phase: phase == ErrorPhase::Output,
+                phase,
             };
         }
     }
@@ -454,13 +453,21 @@ unsafe fn run(fcinfo: pg_sys::FunctionCallInfo, args: CallArgs<'_>) -> Result<()
     //    work is done.
     // SAFETY: forwarded from the caller.
     let result = unsafe { ResultSet::new(fcinfo)? };
-    // SAFETY: result.tupdesc is a valid copy of the expected descriptor.
-    let mut output = unsafe { OutputDecoder::new(result.tupdesc)? };
+    let batch_rows = gucs::BATCH_ROWS.get().max(1) as i64;
+    // SAFETY: result.tupdesc is a valid copy of the expected descriptor, and the
+    // per-query context outlives this call.
+    let mut output =
+        unsafe { OutputDecoder::new(result.tupdesc, batch_rows as usize, result.per_query)? };
 
     // 3. Plan the input query as the calling role, before a sandbox exists.
-    // SAFETY: SPI_connect has no preconditions inside a function call; SPI_finish
-    // (below, or transaction abort on error) disconnects.
-    unsafe { pg_sys::SPI_connect() };
+    // SAFETY: SPI_connect has no preconditions inside a function call. Every early
+    // return below ends in CallError::report, an ERROR, and transaction abort
+    // (AtEOXact_SPI) disconnects; the success path calls SPI_finish.
+    if unsafe { pg_sys::SPI_connect() } != pg_sys::SPI_OK_CONNECT as i32 {
+        return Err(CallError::Internal {
+            message: "SPI_connect failed".into(),
+        });
+    }
     let mut input = match input_query {
         Some(q) => Some(Input::open(q)?),
         None => None,
@@ -473,7 +480,6 @@ unsafe fn run(fcinfo: pg_sys::FunctionCallInfo, args: CallArgs<'_>) -> Result<()
     } = start_session(language, script)?;
 
     // 5. Hand the runtime the script, then the input rows.
-    let batch_rows = gucs::BATCH_ROWS.get().max(1) as i64;
     let max_print = gucs::MAX_PRINT_BYTES.get().max(0) as usize;
     let start = ToRuntime::Start {
         version: PROTOCOL_VERSION,
@@ -483,6 +489,7 @@ unsafe fn run(fcinfo: pg_sys::FunctionCallInfo, args: CallArgs<'_>) -> Result<()
         has_input: input.is_some(),
         max_print_bytes: max_print as u64,
         output_batch_rows: batch_rows as u64,
+        max_frame_bytes: crate::channel::RUNTIME_MAX_FRAME as u64,
     };
     let sent = (|| -> Result<(), CallError> {
         data.send(&encode(&start)?, None)?;
@@ -528,6 +535,7 @@ unsafe fn run(fcinfo: pg_sys::FunctionCallInfo, args: CallArgs<'_>) -> Result<()
                 })?;
                 output.check_schema(&reader.schema())?;
                 for batch in reader {
+                    pgrx::check_for_interrupts!();
                     let batch = batch.map_err(|e| CallError::Protocol {
                         peer: Peer::Runtime,
                         message: format!("bad output batch: {e}"),
@@ -564,7 +572,7 @@ unsafe fn run(fcinfo: pg_sys::FunctionCallInfo, args: CallArgs<'_>) -> Result<()
                             error_type,
                             message,
                             traceback,
-                            output_phase: phase == ErrorPhase::Output,
+                            phase,
                         });
                     }
                     FromRuntime::Done { .. } => break,

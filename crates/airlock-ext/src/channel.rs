@@ -10,7 +10,7 @@ use std::{
     io::{IoSlice, IoSliceMut},
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
     path::Path,
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use airlock_protocol::{Frame, FrameDecoder};
@@ -42,10 +42,22 @@ impl Peer {
     }
 }
 
+/// Largest frame the backend accepts from the runtime. The runtime is untrusted and each
+/// frame is held in memory outside Postgres' memory contexts, so this is far below the
+/// protocol's limit; the runtime is told it in `Start` and splits larger batches.
+pub const RUNTIME_MAX_FRAME: usize = 64 << 20;
+
+/// Largest frame the backend accepts from the daemon (only small control messages).
+const DAEMON_MAX_FRAME: usize = 1 << 20;
+
+/// Size of each read from a socket.
+const READ_CHUNK: usize = 256 * 1024;
+
 /// A nonblocking Unix stream socket with frame buffering.
 pub struct Channel {
     sock: OwnedFd,
     dec: FrameDecoder,
+    buf: Vec<u8>,
     fds: Vec<OwnedFd>,
     peer: Peer,
     eof: bool,
@@ -61,6 +73,8 @@ enum Ready {
 /// pending, in which case this does not return: CHECK_FOR_INTERRUPTS raises the ERROR.
 fn wait(fd: RawFd, writable: bool, deadline: Option<Instant>) -> Ready {
     loop {
+        // An interrupt may already be pending (the latch was reset by an earlier wait).
+        pgrx::check_for_interrupts!();
         let mut events = pg_sys::WL_LATCH_SET | pg_sys::WL_EXIT_ON_PM_DEATH;
         events |= if writable {
             pg_sys::WL_SOCKET_WRITEABLE
@@ -104,6 +118,24 @@ fn wait(fd: RawFd, writable: bool, deadline: Option<Instant>) -> Ready {
     }
 }
 
+/// Sleeps `ms` milliseconds, waking early (and raising) on an interrupt.
+fn sleep(ms: i64) {
+    // SAFETY: MyLatch is the backend's own latch; no socket is involved.
+    let rc = unsafe {
+        pg_sys::WaitLatch(
+            pg_sys::MyLatch,
+            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+            ms as _,
+            pg_sys::PG_WAIT_EXTENSION,
+        )
+    } as u32;
+    if rc & pg_sys::WL_LATCH_SET != 0 {
+        // SAFETY: as above.
+        unsafe { pg_sys::ResetLatch(pg_sys::MyLatch) };
+    }
+    pgrx::check_for_interrupts!();
+}
+
 impl Channel {
     /// Connects to the daemon's socket at `path`.
     pub fn connect(path: &Path, deadline: Instant) -> Result<Channel, CallError> {
@@ -129,11 +161,7 @@ impl Channel {
                             what: "accept the connection",
                         });
                     }
-                    let _ = wait(
-                        sock.as_raw_fd(),
-                        true,
-                        Some(Instant::now() + Duration::from_millis(10)),
-                    );
+                    sleep(10);
                 }
                 Err(e) => return Err(unavailable(e)),
             }
@@ -147,9 +175,14 @@ impl Channel {
             &sock,
             nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
         );
+        let limit = match peer {
+            Peer::Daemon => DAEMON_MAX_FRAME,
+            Peer::Runtime => RUNTIME_MAX_FRAME,
+        };
         Channel {
             sock,
-            dec: FrameDecoder::new(),
+            dec: FrameDecoder::with_limit(limit),
+            buf: Vec::new(),
             fds: Vec::new(),
             peer,
             eof: false,
@@ -193,7 +226,9 @@ impl Channel {
 
     /// Receives the next frame; `Ok(None)` at end of stream.
     pub fn recv(&mut self, deadline: Option<Instant>) -> Result<Option<Frame>, CallError> {
-        let mut buf = vec![0u8; 256 * 1024];
+        if self.buf.is_empty() {
+            self.buf = vec![0u8; READ_CHUNK];
+        }
         loop {
             match self.dec.next_frame() {
                 Ok(Some(frame)) => return Ok(Some(frame)),
@@ -214,13 +249,15 @@ impl Channel {
                 }
                 return Ok(None);
             }
-            let want = self.dec.wanted().clamp(4096, 64 << 20);
-            if buf.len() < want {
-                buf.resize(want, 0);
+            let mut buf = std::mem::take(&mut self.buf);
+            let got = self.recv_some(&mut buf);
+            if let Ok(n) = got {
+                self.dec.extend(&buf[..n]);
             }
-            match self.recv_some(&mut buf) {
+            self.buf = buf;
+            match got {
                 Ok(0) => self.eof = true,
-                Ok(n) => self.dec.extend(&buf[..n]),
+                Ok(_) => {}
                 Err(Errno::EAGAIN) | Err(Errno::EINTR) => {
                     if let Ready::Timeout = wait(self.sock.as_raw_fd(), false, deadline) {
                         return Err(CallError::PeerTimeout {
@@ -250,6 +287,19 @@ impl Channel {
     }
 
     fn recv_some(&mut self, buf: &mut [u8]) -> Result<usize, Errno> {
+        if self.peer == Peer::Runtime {
+            // The runtime is untrusted: no control buffer, so any fds it tries to pass
+            // are discarded by the kernel instead of landing in the backend.
+            let iov = [IoSliceMut::new(buf)];
+            let mut iov = iov;
+            return recvmsg::<()>(
+                self.sock.as_raw_fd(),
+                &mut iov,
+                None,
+                MsgFlags::MSG_DONTWAIT,
+            )
+            .map(|m| m.bytes);
+        }
         let mut space = cmsg_space!([RawFd; 2]);
         let mut iov = [IoSliceMut::new(buf)];
         let msg = recvmsg::<()>(

@@ -116,6 +116,8 @@ pub struct InputEncoder {
     cols: Vec<(i32, InBuilder)>,
     rows: usize,
     text_bytes: usize,
+    /// Bytes per row of the fixed-width parts (values, offsets, validity).
+    fixed_row_bytes: usize,
 }
 
 impl InputEncoder {
@@ -156,11 +158,22 @@ impl InputEncoder {
             fields.push(Field::new(a.name.clone(), dt, true));
             cols.push((a.number as i32, b));
         }
+        let fixed_row_bytes = cols
+            .iter()
+            .map(|(_, b)| match b {
+                InBuilder::Bool(_) => 1,
+                InBuilder::I16(_) => 3,
+                InBuilder::I32(_) | InBuilder::F32(_) => 5,
+                InBuilder::I64(_) | InBuilder::F64(_) => 9,
+                InBuilder::Text(_) | InBuilder::Name(_) => 5,
+            })
+            .sum();
         Ok(InputEncoder {
             schema: Arc::new(Schema::new(fields)),
             cols,
             rows: 0,
             text_bytes: 0,
+            fixed_row_bytes,
         })
     }
 
@@ -168,9 +181,10 @@ impl InputEncoder {
         self.rows
     }
 
-    /// Bytes of text buffered so far; callers flush early past a threshold.
-    pub fn text_bytes(&self) -> usize {
-        self.text_bytes
+    /// About how many bytes the buffered rows take; callers flush early past a
+    /// threshold.
+    pub fn approx_bytes(&self) -> usize {
+        self.text_bytes + self.rows * self.fixed_row_bytes
     }
 
     /// Appends one tuple.
@@ -206,9 +220,9 @@ impl InputEncoder {
                 InBuilder::F32(b) => b.append_value(f32::from_bits(d.value() as u32)),
                 InBuilder::F64(b) => b.append_value(f64::from_bits(d.value() as u64)),
                 InBuilder::Text(b) => {
-                    // SAFETY: d is a non-null varlena of a text-like type; detoasting
-                    // copies into the current (per-batch) memory context when needed.
-                    let bytes = unsafe { varlena_bytes(d) };
+                    // SAFETY: d is a non-null varlena of a text-like type.
+                    let text = unsafe { Detoasted::new(d) };
+                    let bytes = text.bytes();
                     self.text_bytes += bytes.len();
                     // The database is UTF8 (checked before the call), so text is valid
                     // UTF-8; from_utf8 still guards against a corrupt value.
@@ -216,6 +230,8 @@ impl InputEncoder {
                         Ok(s) => b.append_value(s),
                         Err(_) => b.append_value(String::from_utf8_lossy(bytes)),
                     }
+                    // The detoasted copy (if one was made) is freed here, so a batch
+                    // of huge values never holds more than one of them.
                 }
                 InBuilder::Name(b) => {
                     // SAFETY: a name Datum points at a NUL-terminated NameData.
@@ -254,10 +270,7 @@ impl InputEncoder {
 }
 
 fn internal(message: String) -> CallError {
-    CallError::Protocol {
-        peer: crate::channel::Peer::Runtime,
-        message,
-    }
+    CallError::Internal { message }
 }
 
 /// Encodes a batch as a complete Arrow frame, written in place after the frame header.
@@ -279,19 +292,41 @@ pub fn encode_batch(batch: &RecordBatch) -> Result<Vec<u8>, CallError> {
     Ok(buf)
 }
 
-/// Bytes of a varlena Datum, detoasted.
-///
-/// # Safety
-/// `d` must be a non-null varlena Datum; the returned slice lives as long as the current
-/// memory context (or the tuple it points into).
-unsafe fn varlena_bytes<'a>(d: pg_sys::Datum) -> &'a [u8] {
-    // SAFETY: per the caller, d is a varlena; pg_detoast_datum_packed returns it or a
-    // detoasted copy, whose data/size are read with pgrx's varlena helpers.
-    unsafe {
-        let v = pg_sys::pg_detoast_datum_packed(d.cast_mut_ptr());
-        let len = pgrx::varlena::varsize_any_exhdr(v);
-        let data = pgrx::varlena::vardata_any(v) as *const u8;
-        std::slice::from_raw_parts(data, len)
+/// A varlena value, detoasted; a copy made for it is freed on drop.
+struct Detoasted {
+    original: *mut pg_sys::varlena,
+    value: *mut pg_sys::varlena,
+}
+
+impl Detoasted {
+    /// # Safety
+    /// `d` must be a non-null varlena Datum that stays valid while this value lives.
+    unsafe fn new(d: pg_sys::Datum) -> Detoasted {
+        let original = d.cast_mut_ptr::<pg_sys::varlena>();
+        // SAFETY: per the caller, d is a varlena; pg_detoast_datum_packed returns it
+        // unchanged or a palloc'd detoasted copy.
+        let value = unsafe { pg_sys::pg_detoast_datum_packed(original) };
+        Detoasted { original, value }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: value is a valid (possibly short-header) varlena for self's lifetime;
+        // pgrx's helpers read its header to find the data and length.
+        unsafe {
+            let len = pgrx::varlena::varsize_any_exhdr(self.value);
+            let data = pgrx::varlena::vardata_any(self.value) as *const u8;
+            std::slice::from_raw_parts(data, len)
+        }
+    }
+}
+
+impl Drop for Detoasted {
+    fn drop(&mut self) {
+        if self.value != self.original {
+            // SAFETY: a different pointer is the copy pg_detoast_datum_packed palloc'd
+            // for us; nothing else refers to it.
+            unsafe { pg_sys::pfree(self.value.cast()) };
+        }
     }
 }
 
@@ -319,12 +354,18 @@ struct OutCol {
     name: String,
     declared: String,
     target: Target,
+    /// Set when the declared type is a domain: its constraints are checked on every
+    /// value (NULL included), with domain_check's cache.
+    domain: Option<(pg_sys::Oid, *mut std::ffi::c_void)>,
 }
 
 /// Checks and converts the runtime's output against the caller's column definition list.
 pub struct OutputDecoder {
     cols: Vec<OutCol>,
     checked: bool,
+    max_batch_rows: usize,
+    /// Where domain_check keeps its per-column cache: the query's memory context.
+    cache_cx: pg_sys::MemoryContext,
 }
 
 /// Arrow type names as a pandas user knows them.
@@ -367,11 +408,17 @@ fn accepts(target: Target, dt: &DataType) -> bool {
 }
 
 impl OutputDecoder {
-    /// Plans the conversion for the declared columns.
+    /// Plans the conversion for the declared columns. Batches of more than
+    /// `max_batch_rows` rows are refused (the runtime was told the limit).
     ///
     /// # Safety
-    /// `tupdesc` must be a valid tuple descriptor.
-    pub unsafe fn new(tupdesc: pg_sys::TupleDesc) -> Result<OutputDecoder, CallError> {
+    /// `tupdesc` must be a valid tuple descriptor and `cache_cx` a memory context that
+    /// outlives this decoder.
+    pub unsafe fn new(
+        tupdesc: pg_sys::TupleDesc,
+        max_batch_rows: usize,
+        cache_cx: pg_sys::MemoryContext,
+    ) -> Result<OutputDecoder, CallError> {
         // SAFETY: forwarded from the caller.
         let attrs = unsafe { attributes(tupdesc) };
         let mut cols = Vec::with_capacity(attrs.len());
@@ -401,16 +448,21 @@ impl OutputDecoder {
                     })
                 }
             };
+            // SAFETY: getBaseType reads the syscache for a valid oid.
+            let is_domain = unsafe { pg_sys::getBaseType(a.typoid) } != a.typoid;
             cols.push(OutCol {
                 number: a.number,
                 name: a.name,
                 declared,
                 target,
+                domain: is_domain.then_some((a.typoid, std::ptr::null_mut())),
             });
         }
         Ok(OutputDecoder {
             cols,
             checked: false,
+            max_batch_rows,
+            cache_cx,
         })
     }
 
@@ -450,21 +502,39 @@ impl OutputDecoder {
         if !self.checked {
             self.check_schema(&batch.schema())?;
         }
+        if batch.num_rows() > self.max_batch_rows {
+            // A batch must not make the backend loop without end: a Null column of any
+            // length costs the sender nothing.
+            return Err(CallError::Protocol {
+                peer: crate::channel::Peer::Runtime,
+                message: format!(
+                    "an output batch of {} rows exceeds the limit of {} rows",
+                    batch.num_rows(),
+                    self.max_batch_rows
+                ),
+            });
+        }
         let n = self.cols.len();
         let mut values = vec![pg_sys::Datum::from(0usize); n];
         let mut nulls = vec![false; n];
+        let cache_cx = self.cache_cx;
         for row in 0..batch.num_rows() {
-            for (c, col) in self.cols.iter().enumerate() {
+            if row % 4096 == 4095 {
+                pgrx::check_for_interrupts!();
+            }
+            for (c, col) in self.cols.iter_mut().enumerate() {
                 let array = batch.column(c);
-                match datum(col, array, row, first_row + row as u64 + 1)? {
-                    Some(d) => {
-                        values[c] = d;
-                        nulls[c] = false;
-                    }
-                    None => {
-                        values[c] = pg_sys::Datum::from(0usize);
-                        nulls[c] = true;
-                    }
+                let value = datum(col, array, row, first_row + row as u64 + 1)?;
+                (values[c], nulls[c]) = match value {
+                    Some(d) => (d, false),
+                    None => (pg_sys::Datum::from(0usize), true),
+                };
+                if let Some((domain, extra)) = col.domain.as_mut() {
+                    // SAFETY: the Datum is of the domain's base type (or NULL); the
+                    // cache pointer starts NULL and domain_check keeps its cache in
+                    // cache_cx, which outlives the decoder. A violated constraint raises
+                    // the domain's own ERROR.
+                    unsafe { pg_sys::domain_check(values[c], nulls[c], *domain, extra, cache_cx) };
                 }
             }
             // SAFETY: values/nulls have one entry per attribute of tupdesc, each Datum
@@ -553,7 +623,15 @@ fn datum(
                 .map_err(|_| out_of_range(v.to_string()))?
                 .into_datum()
         }
-        Target::Float4 => (float_value(array, row) as f32).into_datum(),
+        Target::Float4 => {
+            let v = float_value(array, row);
+            let f = v as f32;
+            // Postgres refuses float8 → float4 overflow and underflow; so do we.
+            if (v.is_finite() && !f.is_finite()) || (v != 0.0 && f == 0.0) {
+                return Err(out_of_range(v.to_string()));
+            }
+            f.into_datum()
+        }
         Target::Float8 => float_value(array, row).into_datum(),
         Target::PlainText | Target::TypedText { .. } => {
             let s = str_value(array, row);

@@ -3,7 +3,7 @@
 //! Each variant maps to one SQLSTATE and a message a user can act on; DETAIL and HINT
 //! carry the rest. Nothing reaches the client as a panic or a bare "internal error".
 
-use airlock_protocol::control::RefusalKind;
+use airlock_protocol::{control::RefusalKind, data::ErrorPhase};
 use nix::errno::Errno;
 use pgrx::{pg_sys::panic::ErrorReport, PgLogLevel, PgSqlErrorCode};
 
@@ -91,11 +91,16 @@ pub enum CallError {
         message: String,
     },
     /// The script raised, or left no usable output.
+    /// The script raised, left no usable output, or its runtime could not read input.
     Script {
         error_type: String,
         message: String,
         traceback: String,
-        output_phase: bool,
+        phase: ErrorPhase,
+    },
+    /// A failure inside the backend itself, not caused by a peer.
+    Internal {
+        message: String,
     },
     /// The daemon killed the sandbox at the wall-clock limit.
     TimedOut {
@@ -208,7 +213,7 @@ impl CallError {
             CallError::DaemonTimeout { what } => (
                 ERRCODE_CONNECTION_FAILURE,
                 format!("the airlock launcher daemon did not {what} in time"),
-                None,
+                Some(format!("airlock.connect_timeout is {} ms.", crate::gucs::CONNECT_TIMEOUT_MS.get())),
                 Some("The daemon may be overloaded; see its log. airlock.connect_timeout sets the wait.".into()),
             ),
             CallError::Refused { reason, message } => (
@@ -245,16 +250,21 @@ impl CallError {
                 None,
                 None,
             ),
-            CallError::Script { error_type, message, traceback, output_phase } => (
+            CallError::Script { error_type, message, traceback, phase } => (
                 ERRCODE_EXTERNAL_ROUTINE_EXCEPTION,
-                if output_phase {
-                    message
-                } else if message.is_empty() {
-                    format!("script raised {error_type}")
-                } else {
-                    format!("script raised {error_type}: {message}")
+                match phase {
+                    ErrorPhase::Output => message,
+                    ErrorPhase::Input => format!("the script's runtime could not read its input: {message}"),
+                    ErrorPhase::Script if message.is_empty() => format!("script raised {error_type}"),
+                    ErrorPhase::Script => format!("script raised {error_type}: {message}"),
                 },
                 (!traceback.is_empty()).then_some(traceback),
+                None,
+            ),
+            CallError::Internal { message } => (
+                ERRCODE_INTERNAL_ERROR,
+                format!("airlock: {message}"),
+                None,
                 None,
             ),
             CallError::TimedOut { limit_ms } => (

@@ -32,8 +32,11 @@ pub enum ToRuntime {
         /// Most bytes of printed output the runtime forwards; past it, one `Print` says
         /// how much was cut.
         max_print_bytes: u64,
-        /// Target number of rows per output batch.
+        /// Most rows per output batch; the backend refuses larger batches.
         output_batch_rows: u64,
+        /// Largest frame the backend accepts from the runtime; larger batches must be
+        /// split.
+        max_frame_bytes: u64,
     },
     InputEnd,
 }

@@ -111,15 +111,35 @@ pub fn decode_control<T: DeserializeOwned>(payload: &[u8]) -> Result<T, Protocol
 /// It never holds more than one partial frame plus whatever complete frames the caller
 /// has not taken yet, and it refuses a length prefix above [`MAX_FRAME_LEN`] before
 /// allocating for it.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FrameDecoder {
     buf: Vec<u8>,
     start: usize,
+    limit: usize,
+}
+
+impl Default for FrameDecoder {
+    fn default() -> Self {
+        FrameDecoder {
+            buf: Vec::new(),
+            start: 0,
+            limit: MAX_FRAME_LEN,
+        }
+    }
 }
 
 impl FrameDecoder {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A decoder that refuses frames above `limit` bytes (at most [`MAX_FRAME_LEN`]):
+    /// for reading from an untrusted peer with a tighter memory budget.
+    pub fn with_limit(limit: usize) -> Self {
+        FrameDecoder {
+            limit: limit.min(MAX_FRAME_LEN),
+            ..Self::default()
+        }
     }
 
     /// Appends received bytes.
@@ -151,17 +171,20 @@ impl FrameDecoder {
             return Ok(None);
         }
         let len = u32::from_le_bytes([avail[0], avail[1], avail[2], avail[3]]) as usize;
-        if len > MAX_FRAME_LEN {
+        if len > self.limit {
             return Err(ProtocolError::FrameTooLarge {
                 len,
-                max: MAX_FRAME_LEN,
+                max: self.limit,
             });
         }
         if len == 0 {
             return Err(ProtocolError::EmptyFrame);
         }
         if avail.len() < HEADER_LEN + len {
-            self.buf.reserve(HEADER_LEN + len - avail.len());
+            let more = HEADER_LEN + len - avail.len();
+            self.buf
+                .try_reserve(more)
+                .map_err(|_| ProtocolError::OutOfMemory { len })?;
             self.compact();
             return Ok(None);
         }
@@ -226,6 +249,16 @@ mod tests {
         assert!(matches!(
             dec.next_frame(),
             Err(ProtocolError::FrameTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn a_tighter_limit_is_enforced() {
+        let mut dec = FrameDecoder::with_limit(10);
+        dec.extend(&11u32.to_le_bytes());
+        assert!(matches!(
+            dec.next_frame(),
+            Err(ProtocolError::FrameTooLarge { len: 11, max: 10 })
         ));
     }
 

@@ -38,6 +38,8 @@ pub const MAX_FRAME_LEN: usize = 1 << 30;
 pub enum ProtocolError {
     #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
     FrameTooLarge { len: usize, max: usize },
+    #[error("no memory for a frame of {len} bytes")]
+    OutOfMemory { len: usize },
     #[error("empty frame (no kind byte)")]
     EmptyFrame,
     #[error("unknown frame kind {0}")]

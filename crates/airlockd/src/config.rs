@@ -163,6 +163,19 @@ impl Config {
                 ),
             ));
         }
+        // A worker uid must belong to nobody: files of a real account would be the
+        // script's to read and write.
+        if let Some((uid, user)) = (w.first_uid..=last).find_map(|uid| {
+            nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+                .ok()
+                .flatten()
+                .map(|u| (uid, u.name))
+        }) {
+            return Err(invalid(
+                "workers.first_uid",
+                format!("range {}..={last} contains uid {uid}, the account {user:?}; pick uids no account uses", w.first_uid),
+            ));
+        }
         if w.gid < 1000 {
             return Err(invalid(
                 "workers.gid",

@@ -5,10 +5,12 @@
 //! session folder per call, asks its single-threaded spawner helper for a sandbox, hands
 //! the backend its end of the data socket, and kills the sandbox on timeout or when the
 //! backend hangs up. It never decides who may run what: the extension did that.
+#![deny(unsafe_code)]
 
 pub mod config;
 pub mod runtime;
 pub mod server;
 pub mod session;
 pub mod spawner;
+#[allow(unsafe_code)] // fd passing and pre_exec; every block has a SAFETY comment
 mod sys;

@@ -1,13 +1,7 @@
 //! `airlockd` entry point: parse flags, start the spawner helper, serve.
+#![forbid(unsafe_code)]
 
-use std::{
-    os::{
-        fd::{FromRawFd, OwnedFd},
-        unix::fs::PermissionsExt,
-    },
-    path::PathBuf,
-    sync::Arc,
-};
+use std::{os::unix::fs::PermissionsExt, path::PathBuf, sync::Arc};
 
 use anyhow::{bail, Context};
 use clap::Parser;
@@ -38,10 +32,7 @@ fn main() -> anyhow::Result<()> {
         .init();
 
     if args.mode.as_deref() == Some("__spawner") {
-        // SAFETY: the daemon started us with its socket as fd 3 (spawner::launch) and
-        // nothing else in this process refers to that fd.
-        let sock = unsafe { OwnedFd::from_raw_fd(3) };
-        airlock_sandbox::run_spawner(sock).context("spawner")?;
+        spawner::helper_main().context("spawner")?;
         return Ok(());
     } else if let Some(mode) = args.mode {
         bail!("unknown argument {mode:?}");

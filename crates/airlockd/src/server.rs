@@ -101,7 +101,9 @@ pub async fn serve(
                 let stream = match accepted {
                     Ok((s, _)) => s,
                     Err(e) => {
+                        // Out of fds, say: back off instead of spinning on the error.
                         tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }
                 };

@@ -28,9 +28,13 @@ pub fn prepare_state_dir(config: &Config) -> io::Result<()> {
     fs::create_dir_all(&sessions)?;
     fs::set_permissions(&sessions, fs::Permissions::from_mode(0o711))?;
     for entry in fs::read_dir(&sessions)? {
-        let entry = entry?;
-        tracing::warn!(path = %entry.path().display(), "removing session folder left by an earlier run");
-        remove_tree(&entry.path())?;
+        let path = entry?.path();
+        tracing::warn!(path = %path.display(), "removing session folder left by an earlier run");
+        // A folder that cannot be removed must not keep the daemon from starting; it is
+        // logged and left for an operator.
+        if let Err(e) = remove_tree(&path) {
+            tracing::error!(path = %path.display(), error = %e, "cannot remove leftover session folder");
+        }
     }
     Ok(())
 }
@@ -70,8 +74,17 @@ impl SessionDir {
 
 impl Drop for SessionDir {
     fn drop(&mut self) {
-        if let Err(e) = remove_tree(&self.path) {
-            tracing::error!(path = %self.path.display(), error = %e, "cannot remove session folder");
+        let path = std::mem::take(&mut self.path);
+        let remove = move || {
+            if let Err(e) = remove_tree(&path) {
+                tracing::error!(path = %path.display(), error = %e, "cannot remove session folder");
+            }
+        };
+        // A script may leave many files; removing them must not stall the event loop
+        // that serves every other call.
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => drop(handle.spawn_blocking(remove)),
+            Err(_) => remove(),
         }
     }
 }

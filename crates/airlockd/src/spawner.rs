@@ -40,6 +40,12 @@ pub enum SpawnerError {
     Spawn(String),
 }
 
+/// Body of `airlockd __spawner`: the single-threaded loop building sandboxes, on the
+/// socket the daemon passed as fd 3.
+pub fn helper_main() -> Result<(), airlock_sandbox::SandboxError> {
+    airlock_sandbox::run_spawner(sys::take_fd_3())
+}
+
 /// The running helper process and the daemon's end of its socket.
 pub struct SpawnerProcess {
     pub child: Child,

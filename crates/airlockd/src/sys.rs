@@ -43,6 +43,9 @@ pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> nix::Result<(usize
             }
         }
     }
+    if msg.flags.contains(MsgFlags::MSG_TRUNC) || msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+        return Err(nix::errno::Errno::EMSGSIZE);
+    }
     Ok((msg.bytes, fds))
 }
 
@@ -53,12 +56,24 @@ pub fn pass_fd_as_3(cmd: &mut Command, fd: RawFd) {
     // async-signal-safe, allocates nothing and touches no lock.
     unsafe {
         cmd.pre_exec(move || {
-            if nix::libc::dup2(fd, 3) < 0 {
+            if fd == 3 {
+                // dup2 onto itself keeps FD_CLOEXEC: clear it instead.
+                if nix::libc::fcntl(3, nix::libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if nix::libc::dup2(fd, 3) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
         });
     }
+}
+
+/// Takes ownership of fd 3, which `pass_fd_as_3` gave this process at exec.
+pub fn take_fd_3() -> OwnedFd {
+    // SAFETY: called once, at the start of the spawner helper, which the daemon started
+    // with its socket as fd 3; nothing else in this process refers to that fd.
+    unsafe { OwnedFd::from_raw_fd(3) }
 }
 
 /// Registers an owned socket with the tokio reactor.
