@@ -30,7 +30,7 @@ import sys
 import threading
 import traceback
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 SOCKET_FD = 3
 # Largest frame (kind byte plus payload) either side accepts; the backend's MAX_FRAME_LEN.
 MAX_FRAME_LEN = 1 << 30

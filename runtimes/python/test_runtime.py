@@ -43,7 +43,7 @@ def arrow(batch):
 def start_msg(script, **overrides):
     msg = {
         "type": "start",
-        "version": 1,
+        "version": 2,
         "script": script,
         "input_name": "InputDataSet",
         "output_name": "OutputDataSet",
@@ -455,9 +455,9 @@ OutputDataSet = pd.DataFrame({"a": [1]})
     # --- protocol ---
 
     def test_bad_protocol_version(self):
-        r = run("OutputDataSet = pd.DataFrame()", version=2)
+        r = run("OutputDataSet = pd.DataFrame()", version=99)
         self.assertError(r, "input", "ProtocolError", 2)
-        self.assertIn("version 2", r.error["message"])
+        self.assertIn("version 99", r.error["message"])
 
     def test_malformed_frame(self):
         data = control(start_msg("x = 1")) + (5).to_bytes(4, "little") + b"\x09abcd"

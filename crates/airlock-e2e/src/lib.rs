@@ -187,6 +187,9 @@ pub struct DaemonSettings {
     pub first_uid: u32,
     pub count: u32,
     pub wall_clock_seconds: f64,
+    pub cpu_seconds: u64,
+    pub memory_mib: u64,
+    pub pids: u64,
 }
 
 /// A running airlockd with a temporary config and state directory.
@@ -233,7 +236,7 @@ impl Daemon {
             format!(
                 "socket_path = \"{}\"\nallowed_peer_uids = [{}]\nstate_dir = \"{}\"\n\
                  [workers]\nfirst_uid = {}\ncount = {}\ngid = {}\n\
-                 [limits]\nwall_clock_seconds = {}\n\
+                 [limits]\nwall_clock_seconds = {}\ncpu_seconds = {}\nmemory_mib = {}\npids = {}\n\
                  [runtimes.python]\nprefix = \"{}\"\n",
                 socket.display(),
                 postgres_user().uid,
@@ -242,6 +245,9 @@ impl Daemon {
                 settings.count,
                 settings.first_uid,
                 settings.wall_clock_seconds,
+                settings.cpu_seconds,
+                settings.memory_mib,
+                settings.pids,
                 python_prefix(),
             ),
         )

@@ -15,6 +15,12 @@ use postgres::{error::SqlState, Client, Row};
 /// Wall-clock limit of the shared daemon, seconds.
 const WALL_LIMIT: u32 = 4;
 const FIRST_UID: u32 = 62000;
+/// CPU-time limit of the shared daemon, seconds.
+const CPU_LIMIT: u64 = 2;
+/// Memory limit of the shared daemon, MiB.
+const MEMORY_LIMIT: u64 = 256;
+/// Process limit of the shared daemon.
+const PIDS_LIMIT: u64 = 64;
 const WORKERS: u32 = 8;
 
 struct Env {
@@ -731,6 +737,66 @@ fn timeout_kills_the_sandbox_and_the_next_call_works() -> TestResult {
     ensure(rows.len() == 1, "the next call works")
 }
 
+fn memory_bomb_hits_the_memory_limit() -> TestResult {
+    let (mut c, notices) = env().cluster.connect("analyst");
+    let e = expect_err(py(
+        &mut c,
+        "import os, time\nprint(os.getcwd(), flush=True)\ntime.sleep(0.5)\nhog = bytearray(1 << 30)",
+        None,
+        "a int",
+    ))?;
+    expect_code(&e, &SqlState::PROGRAM_LIMIT_EXCEEDED)?;
+    expect_contains(
+        e.message(),
+        &format!("script exceeded its memory limit of {MEMORY_LIMIT} MiB"),
+    )?;
+    session_folder_gone(&notices)?;
+    let rows = py(
+        &mut c,
+        "import pandas as pd\nOutputDataSet = pd.DataFrame({'a': [1]})",
+        None,
+        "a int",
+    )?;
+    ensure(rows.len() == 1, "the next call works")
+}
+
+fn cpu_spin_hits_the_cpu_limit() -> TestResult {
+    let mut c = analyst();
+    let started = Instant::now();
+    let e = expect_err(py(&mut c, "while True:\n    pass", None, "a int"))?;
+    expect_code(&e, &SqlState::PROGRAM_LIMIT_EXCEEDED)?;
+    expect_contains(
+        e.message(),
+        &format!("script exceeded its CPU-time limit of {CPU_LIMIT} s"),
+    )?;
+    ensure(
+        started.elapsed() < Duration::from_secs(WALL_LIMIT as u64),
+        format!(
+            "took {:?}, the wall clock must not be what stopped it",
+            started.elapsed()
+        ),
+    )
+}
+
+fn fork_bomb_hits_the_pids_limit() -> TestResult {
+    let mut c = analyst();
+    let e = expect_err(py(
+        &mut c,
+        "import os, time\nfor i in range(100000):\n    if os.fork() == 0:\n        time.sleep(60)\n        os._exit(0)",
+        None,
+        "a int",
+    ))?;
+    expect_code(&e, &SqlState::EXTERNAL_ROUTINE_EXCEPTION)?;
+    expect_contains(e.message(), "BlockingIOError")?;
+    let rows = py(
+        &mut c,
+        "import pandas as pd\nOutputDataSet = pd.DataFrame({'a': [1]})",
+        None,
+        "a int",
+    )?;
+    ensure(rows.len() == 1, "the next call works")
+}
+
 fn cancel_returns_promptly_and_kills_the_sandbox() -> TestResult {
     let (mut c, notices) = env().cluster.connect("analyst");
     let pid: i32 = c.query_one("SELECT pg_backend_pid()", &[])?.get(0);
@@ -862,6 +928,9 @@ fn main() {
         first_uid: FIRST_UID,
         count: WORKERS,
         wall_clock_seconds: WALL_LIMIT as f64,
+        cpu_seconds: CPU_LIMIT,
+        memory_mib: MEMORY_LIMIT,
+        pids: PIDS_LIMIT,
     });
     let cluster = Cluster::start(&daemon.socket, true);
     setup_roles(&cluster);
@@ -907,6 +976,9 @@ fn main() {
         no_network_to_the_cluster,
         timeout_kills_the_sandbox_and_the_next_call_works,
         cancel_returns_promptly_and_kills_the_sandbox,
+        memory_bomb_hits_the_memory_limit,
+        cpu_spin_hits_the_cpu_limit,
+        fork_bomb_hits_the_pids_limit,
         statement_timeout_applies,
         daemon_not_running_hints_how_to_start_it,
         socket_path_is_superuser_only,

@@ -360,6 +360,8 @@ fn ended(control: &mut Channel) -> Result<Outcome, CallError> {
 fn outcome_error(outcome: Outcome) -> CallError {
     match outcome {
         Outcome::TimedOut { limit_ms } => CallError::TimedOut { limit_ms },
+        Outcome::MemoryLimit { limit_bytes } => CallError::MemoryLimit { limit_bytes },
+        Outcome::CpuLimit { limit_seconds } => CallError::CpuLimit { limit_seconds },
         Outcome::Exited { code } => CallError::RuntimeDied {
             how: format!("it exited with status {code}"),
         },

@@ -106,6 +106,14 @@ pub enum CallError {
     TimedOut {
         limit_ms: u64,
     },
+    /// The kernel killed the sandbox at its cgroup memory limit.
+    MemoryLimit {
+        limit_bytes: u64,
+    },
+    /// The daemon killed the sandbox when its processes used up their CPU time.
+    CpuLimit {
+        limit_seconds: u64,
+    },
     /// The runtime died without finishing.
     RuntimeDied {
         how: String,
@@ -117,6 +125,14 @@ fn seconds(ms: u64) -> String {
         format!("{} s", ms / 1000)
     } else {
         format!("{:.1} s", ms as f64 / 1000.0)
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    if bytes.is_multiple_of(1 << 30) {
+        format!("{} GiB", bytes >> 30)
+    } else {
+        format!("{} MiB", bytes >> 20)
     }
 }
 
@@ -272,6 +288,18 @@ impl CallError {
                 format!("script exceeded its wall-clock limit of {}", seconds(limit_ms)),
                 Some("airlockd killed the script's sandbox.".into()),
                 Some("The limit is limits.wall_clock_seconds in the airlockd config.".into()),
+            ),
+            CallError::MemoryLimit { limit_bytes } => (
+                ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+                format!("script exceeded its memory limit of {}", mib(limit_bytes)),
+                Some("The kernel killed the script's processes.".into()),
+                Some("The limit is limits.memory_mib in the airlockd config.".into()),
+            ),
+            CallError::CpuLimit { limit_seconds } => (
+                ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+                format!("script exceeded its CPU-time limit of {limit_seconds} s"),
+                Some("airlockd killed the script's sandbox.".into()),
+                Some("The limit is limits.cpu_seconds in the airlockd config.".into()),
             ),
             CallError::RuntimeDied { how } => (
                 ERRCODE_EXTERNAL_ROUTINE_EXCEPTION,

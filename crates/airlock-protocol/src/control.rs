@@ -99,6 +99,10 @@ pub enum Outcome {
     Signaled { signal: i32 },
     /// The daemon killed the sandbox at the wall-clock limit.
     TimedOut { limit_ms: u64 },
+    /// The sandbox hit its memory limit and was killed.
+    MemoryLimit { limit_bytes: u64 },
+    /// The sandbox's processes used up their CPU-time limit and were killed.
+    CpuLimit { limit_seconds: u64 },
     /// The backend went away (cancel, statement_timeout, error) and the daemon killed the
     /// sandbox.
     Cancelled,

@@ -27,7 +27,7 @@ pub use frame::{
 
 /// Version of the protocol spoken by this build. Both hellos carry it; a peer with a
 /// different version is refused with [`control::Reply::Refused`].
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest frame either side accepts: 1 GiB. A larger length prefix is an error, so a
 /// hostile peer cannot make the reader allocate without bound.

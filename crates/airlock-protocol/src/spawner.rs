@@ -40,6 +40,13 @@ pub struct SpawnRequest {
     pub hostname: String,
     /// Size of the sandbox's private /tmp, bytes.
     pub tmp_size_bytes: u64,
+    /// Files to write the sandbox init's pid to before it is released: the call's
+    /// cgroup (`cgroup.procs` of each v1 controller, or the one v2 file). Empty: no
+    /// cgroup.
+    pub cgroup_procs: Vec<PathBuf>,
+    /// RLIMIT_CPU of each process, seconds: a per-process backstop behind the daemon's
+    /// per-call CPU accounting. 0 keeps the sandbox's default.
+    pub cpu_rlimit_seconds: u64,
 }
 
 /// Daemon → spawner.

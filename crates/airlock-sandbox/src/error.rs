@@ -33,6 +33,33 @@ pub enum SandboxError {
     RootIdentity { uid: u32, gid: u32 },
     #[error("stat ro mount source {path}: {source}")]
     StatSource { path: PathBuf, source: io::Error },
+    #[error(
+        "invalid spawn request: environment variable {name:?} is not on the sandbox's allowlist"
+    )]
+    EnvNotAllowed { name: String },
+    #[error("invalid spawn request: HOME is {home:?}, it must be the session folder {session:?}")]
+    EnvHome { home: String, session: PathBuf },
+
+    // Preparing the confinement, before the clone.
+    #[error("compile the seccomp filter: {0}")]
+    Seccomp(seccompiler::BackendError),
+    #[error(
+        "landlock does not fully enforce the sandbox's filesystem policy on this kernel, \
+         refusing to run without it: {what}"
+    )]
+    LandlockNotEnforced { what: String },
+    #[error("create the landlock ruleset: {source}")]
+    LandlockRuleset { source: landlock::RulesetError },
+    #[error("open {path} for its landlock rule: {source}")]
+    LandlockOpen {
+        path: PathBuf,
+        source: landlock::PathFdError,
+    },
+    #[error("add the landlock rule for {path}: {source}")]
+    LandlockRule {
+        path: PathBuf,
+        source: landlock::RulesetError,
+    },
 
     // The calling process.
     #[error("read the caller's supplementary groups: {0}")]
@@ -51,6 +78,11 @@ pub enum SandboxError {
     IdMap {
         pid: i32,
         file: &'static str,
+        source: io::Error,
+    },
+    #[error("move the sandbox init into its cgroup via {path}: {source}")]
+    JoinCgroup {
+        path: std::path::PathBuf,
         source: io::Error,
     },
     #[error("release the sandbox init: {0}")]
@@ -123,8 +155,20 @@ pub enum SandboxError {
     NoNewPrivs(Errno),
     #[error("set the parent-death signal: {0}")]
     ParentDeathSignal(Errno),
+    #[error("add the landlock rule for {path} in the sandbox: {source}")]
+    LandlockAddRule { path: PathBuf, source: Errno },
+    #[error("restrict the sandbox with its landlock ruleset: {0}")]
+    LandlockRestrict(Errno),
     #[error("install {what}: {source}")]
     InstallFds { what: &'static str, source: Errno },
+    #[error("set {resource} to {value}: {source}")]
+    SetRlimit {
+        resource: &'static str,
+        value: u64,
+        source: Errno,
+    },
+    #[error("install the seccomp filter returning {action}: {source}")]
+    ApplySeccomp { action: String, source: Errno },
     #[error("execve {path}: {source}")]
     Exec { path: String, source: Errno },
     #[error("sandbox setup failed at unknown step {code}: {source}")]

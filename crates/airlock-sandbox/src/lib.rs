@@ -11,13 +11,23 @@
 //! * [`run_spawner`] is the loop around it: spawn, kill and exit reports over a
 //!   socketpair with the daemon (`airlock_protocol::spawner`).
 //!
-//! Seccomp, Landlock and cgroup limits are not applied yet. All `unsafe` code is in the
-//! private `sys` module; the lint below keeps it there.
+//! * Before exec the runtime is also confined by Landlock (filesystem access by inode:
+//!   read/execute on its mounts, write only to the session folder and /tmp), resource
+//!   limits, and a seccomp denylist (no namespaces, mounts, ptrace, io_uring, bpf,
+//!   keyrings or non-Unix sockets), each declared as data in the private `policy`
+//!   module. A kernel that does not fully enforce one of them makes [`spawn`] fail;
+//!   [`probe()`] reports each layer for `airlockd --check`.
+//!
+//! All `unsafe` code is in the private `sys` module; the lint below keeps it there.
 #![deny(unsafe_code)]
 
+pub mod cgroup;
 mod error;
+mod landlock_rules;
 mod plan;
 mod policy;
+pub mod probe;
+mod seccomp;
 mod setup;
 mod spawn;
 mod spawner;
@@ -25,6 +35,7 @@ mod spawner;
 mod sys;
 
 pub use error::SandboxError;
+pub use probe::{probe, Layer, LayerStatus};
 pub use setup::DATA_FD;
 pub use spawn::{spawn, Sandbox};
 pub use spawner::{recv_message, run_spawner, send_message, MAX_MESSAGE_LEN};

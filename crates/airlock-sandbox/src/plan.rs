@@ -9,7 +9,9 @@ use std::path::{Component, Path, PathBuf};
 
 use airlock_protocol::spawner::SpawnRequest;
 
-use crate::policy::{self, DEV_NODES};
+use crate::landlock_rules::{self, LandlockPlan};
+use crate::policy::{self, FsAccess, DEV_NODES, ENV_ALLOWED, ENV_ALLOWED_PREFIXES};
+use crate::seccomp;
 use crate::SandboxError;
 
 /// A path inside the sandbox, relative to its root, with its parents in creation order.
@@ -48,6 +50,8 @@ pub(crate) struct Trees {
 pub(crate) struct Plan {
     pub uid: u32,
     pub gid: u32,
+    /// RLIMIT_CPU for each process of the sandbox.
+    pub cpu_seconds: u64,
     /// The host directory the root tmpfs is mounted on.
     pub root: CString,
     pub root_tmpfs_opts: CString,
@@ -63,6 +67,10 @@ pub(crate) struct Plan {
     pub hostname: Vec<u8>,
     pub program: CString,
     pub trees: Trees,
+    /// The Landlock ruleset with its rules on host inodes, made for this sandbox only.
+    pub landlock: LandlockPlan,
+    /// The seccomp filters, compiled.
+    pub seccomp: seccomp::Programs,
     /// Null-terminated pointer arrays into `_argv` and `_env`, whose heap buffers do not
     /// move when the Plan moves.
     pub argv_ptrs: Vec<*const c_char>,
@@ -137,18 +145,18 @@ impl Plan {
             .iter()
             .map(|a| cstring(a.as_bytes(), "argv"))
             .collect::<Result<Vec<_>, _>>()?;
-        let env = req
-            .env
-            .iter()
-            .map(|(k, v)| {
-                if k.is_empty() || k.contains('=') {
-                    return Err(SandboxError::BadString { field: "env" });
-                }
-                cstring(format!("{k}={v}").as_bytes(), "env")
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let env = environment(&req.env, session_str)?;
         let argv_ptrs = null_terminated(&argv);
         let env_ptrs = null_terminated(&env);
+
+        let mut host_rules: Vec<landlock_rules::HostRule<'_>> = ro_mounts
+            .iter()
+            .map(|m| (m.host.as_c_str(), m.is_dir, FsAccess::ReadExec))
+            .collect();
+        let session_source = cstring(session_source.as_os_str().as_encoded_bytes(), "session_dir")?;
+        host_rules.push((session_source.as_c_str(), true, FsAccess::ReadWrite));
+        let landlock = landlock_rules::prepare(&host_rules)?;
+        let seccomp = seccomp::compile()?;
 
         let trees = Trees {
             ro: std::iter::repeat_with(|| None)
@@ -160,6 +168,11 @@ impl Plan {
         Ok(Plan {
             uid: req.uid,
             gid: req.gid,
+            cpu_seconds: if req.cpu_rlimit_seconds > 0 {
+                req.cpu_rlimit_seconds
+            } else {
+                policy::CPU_SECONDS
+            },
             root,
             root_tmpfs_opts: cstring(
                 format!(
@@ -173,7 +186,7 @@ impl Plan {
             )?,
             ro_mounts,
             symlinks,
-            session_source: cstring(session_source.as_os_str().as_encoded_bytes(), "session_dir")?,
+            session_source,
             session_target: target(&req.session_target, "session_target")?,
             session_abs: cstring(session_str.as_bytes(), "session_target")?,
             tmp_opts: cstring(
@@ -185,12 +198,45 @@ impl Plan {
             hostname,
             program,
             trees,
+            landlock,
+            seccomp,
             argv_ptrs,
             env_ptrs,
             _argv: argv,
             _env: env,
         })
     }
+}
+
+/// The runtime's environment: the request's variables, each on the allowlist, and HOME
+/// the session folder (added when the request leaves it out).
+fn environment(vars: &[(String, String)], session: &str) -> Result<Vec<CString>, SandboxError> {
+    let mut env = Vec::with_capacity(vars.len() + 1);
+    let mut has_home = false;
+    for (k, v) in vars {
+        if k.is_empty() || k.contains('=') {
+            return Err(SandboxError::BadString { field: "env" });
+        }
+        let allowed = ENV_ALLOWED.contains(&k.as_str())
+            || ENV_ALLOWED_PREFIXES.iter().any(|p| k.starts_with(p));
+        if !allowed {
+            return Err(SandboxError::EnvNotAllowed { name: k.clone() });
+        }
+        if k == "HOME" {
+            if v != session {
+                return Err(SandboxError::EnvHome {
+                    home: v.clone(),
+                    session: session.into(),
+                });
+            }
+            has_home = true;
+        }
+        env.push(cstring(format!("{k}={v}").as_bytes(), "env")?);
+    }
+    if !has_home {
+        env.push(cstring(format!("HOME={session}").as_bytes(), "env")?);
+    }
+    Ok(env)
 }
 
 fn cstring(bytes: &[u8], field: &'static str) -> Result<CString, SandboxError> {
@@ -269,7 +315,8 @@ mod tests {
             uid: 61000,
             gid: 61000,
             root_mountpoint: "/run/airlock/root".into(),
-            session_dir: "/var/lib/airlock/sessions/x".into(),
+            // An existing directory: the Landlock rule for it opens it.
+            session_dir: std::env::temp_dir(),
             session_target: "/session".into(),
             ro_mounts: vec![RoMount {
                 host: "/usr".into(),
@@ -280,6 +327,8 @@ mod tests {
             env: vec![("LANG".into(), "C.UTF-8".into())],
             hostname: "airlock".into(),
             tmp_size_bytes: 1 << 20,
+            cgroup_procs: Vec::new(),
+            cpu_rlimit_seconds: 0,
         }
     }
 
@@ -353,15 +402,48 @@ mod tests {
         assert_eq!(plan.group, b"airlock:x:61000:\n");
         assert_eq!(plan.argv_ptrs.len(), 3);
         assert!(plan.argv_ptrs[2].is_null());
-        assert_eq!(plan.env_ptrs.len(), 2);
-        assert!(plan.env_ptrs[1].is_null());
+        assert_eq!(plan.env_ptrs.len(), 3);
+        assert!(plan.env_ptrs[2].is_null());
         assert_eq!(plan._env[0].as_bytes(), b"LANG=C.UTF-8");
+        assert_eq!(plan._env[1].as_bytes(), b"HOME=/session");
+        assert_eq!(plan.landlock.in_sandbox.len(), 4);
+        assert_eq!(plan.seccomp.programs.len(), 2);
         assert_eq!(
             plan.root_tmpfs_opts.as_bytes(),
             b"size=16m,nr_inodes=4096,mode=0755,uid=61000,gid=61000"
         );
         assert_eq!(plan.trees.ro.len(), 1);
         assert!(plan.ro_mounts[0].is_dir);
+    }
+
+    #[test]
+    fn environment_is_allowlisted_and_home_is_the_session_folder() {
+        let mut req = request();
+        req.env.push(("PGPASSWORD".into(), "secret".into()));
+        let e = Plan::new(&req).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid spawn request: environment variable \"PGPASSWORD\" is not on the sandbox's allowlist"
+        );
+        let mut req = request();
+        req.env.push(("LD_PRELOAD".into(), "/tmp/x.so".into()));
+        assert!(
+            matches!(Plan::new(&req), Err(SandboxError::EnvNotAllowed { name }) if name == "LD_PRELOAD")
+        );
+        let mut req = request();
+        req.env.push(("HOME".into(), "/root".into()));
+        assert_eq!(
+            Plan::new(&req).unwrap_err().to_string(),
+            "invalid spawn request: HOME is \"/root\", it must be the session folder \"/session\""
+        );
+        let mut req = request();
+        req.env = vec![
+            ("LC_ALL".into(), "C.UTF-8".into()),
+            ("HOME".into(), "/session".into()),
+        ];
+        let plan = Plan::new(&req).unwrap();
+        let env: Vec<_> = plan._env.iter().map(|e| e.as_bytes()).collect();
+        assert_eq!(env, [b"LC_ALL=C.UTF-8".as_slice(), b"HOME=/session"]);
     }
 
     #[test]

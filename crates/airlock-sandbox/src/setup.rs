@@ -6,10 +6,11 @@
 //! [`Plan`] prepared before the clone and reports a failure as a fixed-size [`Failure`]
 //! (step, item index, errno) that the parent turns into a [`SandboxError`].
 //!
-//! The steps are split in three so that a later pre-initialised interpreter can build
-//! the sandbox in a process it forked itself: [`enter_sandbox`] (namespaces' contents:
-//! filesystem, hostname), [`become_worker`] (identity, capabilities), [`install_fds`],
-//! then [`exec_runtime`].
+//! The steps are split so that a later pre-initialised interpreter can build the
+//! sandbox in a process it forked itself: [`enter_sandbox`] (namespaces' contents:
+//! filesystem, hostname), [`become_worker`] (identity, capabilities, no_new_privs),
+//! [`restrict_filesystem`] (Landlock), [`install_fds`], [`set_rlimits`],
+//! [`apply_seccomp`] (last: nothing after it but exec), then [`exec_runtime`].
 
 use std::ffi::{CStr, OsStr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, IntoRawFd, RawFd};
@@ -25,9 +26,11 @@ use nix::sys::stat::{mkdirat, umask, Mode};
 use nix::unistd::{chdir, pivot_root, sethostname, symlinkat, write};
 
 use crate::plan::{Plan, Target};
-use crate::policy::{DEV_NODES, DEV_SYMLINKS, DEV_TMPFS_OPTS, ETC_FILE_MODE};
-use crate::sys;
+use crate::policy::{
+    DEV_NODES, DEV_SYMLINKS, DEV_TMPFS_OPTS, ETC_FILE_MODE, LANDLOCK_IN_SANDBOX, RLIMITS,
+};
 use crate::SandboxError;
+use crate::{seccomp, sys};
 
 /// The data socket's number in the runtime.
 pub const DATA_FD: RawFd = 3;
@@ -79,12 +82,16 @@ pub(crate) enum Step {
     ClearCaps,
     NoNewPrivs,
     ParentDeathSignal,
+    AddLandlockRule,
+    RestrictLandlock,
     InstallFds,
+    SetRlimit,
+    ApplySeccomp,
     Exec,
 }
 
 impl Step {
-    const ALL: [Step; 44] = [
+    const ALL: [Step; 48] = [
         Step::ResetProcessState,
         Step::WaitForRelease,
         Step::MakeMountsPrivate,
@@ -127,7 +134,11 @@ impl Step {
         Step::ClearCaps,
         Step::NoNewPrivs,
         Step::ParentDeathSignal,
+        Step::AddLandlockRule,
+        Step::RestrictLandlock,
         Step::InstallFds,
+        Step::SetRlimit,
+        Step::ApplySeccomp,
         Step::Exec,
     ];
 
@@ -356,6 +367,14 @@ fn describe(step: Step, index: usize, errno: Errno, req: &SpawnRequest) -> Sandb
         Step::ClearCaps => SandboxError::ClearCaps(errno),
         Step::NoNewPrivs => SandboxError::NoNewPrivs(errno),
         Step::ParentDeathSignal => SandboxError::ParentDeathSignal(errno),
+        Step::AddLandlockRule => SandboxError::LandlockAddRule {
+            path: LANDLOCK_IN_SANDBOX
+                .get(index)
+                .map(|(p, _, _)| PathBuf::from(OsStr::from_bytes(p.to_bytes())))
+                .unwrap_or_default(),
+            source,
+        },
+        Step::RestrictLandlock => SandboxError::LandlockRestrict(errno),
         Step::InstallFds => SandboxError::InstallFds {
             what: match index {
                 0 => "the result pipe above fd 3",
@@ -363,6 +382,20 @@ fn describe(step: Step, index: usize, errno: Errno, req: &SpawnRequest) -> Sandb
                 2 => "/dev/null as fds 0-2",
                 _ => "only fds 0-3 (close_range)",
             },
+            source,
+        },
+        Step::SetRlimit => {
+            let (resource, value) = RLIMITS.get(index).map_or(("?", 0), |r| (r.name, r.value));
+            SandboxError::SetRlimit {
+                resource,
+                value,
+                source,
+            }
+        }
+        Step::ApplySeccomp => SandboxError::ApplySeccomp {
+            action: seccomp::errnos()
+                .get(index)
+                .map_or_else(|| "?".into(), |e| format!("{}", Errno::from_raw(*e))),
             source,
         },
         Step::Exec => SandboxError::Exec {
@@ -394,7 +427,10 @@ pub(crate) fn child_main(plan: &mut Plan, fds: ChildFds<'_>) -> ! {
         wait_for_release(fds.release_read)?;
         enter_sandbox(plan)?;
         become_worker(plan)?;
+        restrict_filesystem(plan)?;
         result_fd = install_fds(fds.data.as_raw_fd(), result_fd)?;
+        set_rlimits(plan)?;
+        apply_seccomp(plan)?;
         Err(exec_runtime(plan))
     })();
     let Err(failure) = outcome;
@@ -679,6 +715,28 @@ pub(crate) fn become_worker(plan: &Plan) -> StepResult {
     nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(failed(Step::ParentDeathSignal))
 }
 
+/// Landlock: beneath the runtime's read-only mounts the sandbox may only read and
+/// execute, beneath the session folder and /tmp it may write, it may read /proc and its
+/// /etc/passwd and /etc/group, use the five device nodes, and nothing else. This holds
+/// even where the mount view would allow more (a writable /proc file, a directory of the
+/// root tmpfs, a host path a future mount exposes by mistake). The rules on host inodes
+/// are in the ruleset already; those on the sandbox's own mounts are added here, now
+/// that they exist. Needs no_new_privs (set by [`become_worker`]).
+pub(crate) fn restrict_filesystem(plan: &Plan) -> StepResult {
+    let ruleset = plan.landlock.ruleset.as_fd();
+    for (i, (path, access)) in plan.landlock.in_sandbox.iter().enumerate() {
+        let fd = open(
+            *path,
+            OFlag::O_PATH | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW,
+            Mode::empty(),
+        )
+        .map_err(at(Step::AddLandlockRule, i))?;
+        sys::landlock_add_path_rule(ruleset, fd.as_fd(), *access)
+            .map_err(at(Step::AddLandlockRule, i))?;
+    }
+    sys::landlock_restrict_self(ruleset).map_err(failed(Step::RestrictLandlock))
+}
+
 /// The runtime holds exactly four fds: /dev/null as 0-2, the data socket as 3. Nothing
 /// the spawner (or another thread of it) had open leaks in. The result pipe is kept,
 /// close-on-exec, above 3 to report an exec failure; returns its new number.
@@ -715,6 +773,32 @@ pub(crate) fn install_fds(data: RawFd, result: RawFd) -> Result<RawFd, Failure> 
     }
     sys::close_range(result_u + 1, u32::MAX).map_err(at(Step::InstallFds, 3))?;
     Ok(result)
+}
+
+/// Resource limits the runtime cannot raise: no core dumps, bounded open files, file
+/// size and CPU time (see `policy::RLIMITS`).
+pub(crate) fn set_rlimits(plan: &Plan) -> StepResult {
+    for (i, limit) in RLIMITS.iter().enumerate() {
+        // CPU time comes from the request (the daemon's config); the rest is policy.
+        let value = if limit.resource == libc::RLIMIT_CPU as libc::c_int {
+            plan.cpu_seconds
+        } else {
+            limit.value
+        };
+        sys::set_rlimit(limit.resource, value).map_err(at(Step::SetRlimit, i))?;
+    }
+    Ok(())
+}
+
+/// The seccomp filter, last before exec so the runtime and everything it starts inherit
+/// it: namespaces, mounts, ptrace, io_uring, bpf, keyrings, module loading and non-Unix
+/// sockets are refused (see `policy::DENIED_SYSCALLS`). Needs no_new_privs (set by
+/// [`become_worker`]).
+pub(crate) fn apply_seccomp(plan: &Plan) -> StepResult {
+    for (i, (_, program)) in plan.seccomp.programs.iter().enumerate() {
+        sys::seccomp_set_filter(program).map_err(at(Step::ApplySeccomp, i))?;
+    }
+    Ok(())
 }
 
 /// Replaces this process with the runtime, with exactly the request's environment:
@@ -795,6 +879,8 @@ mod tests {
             env: vec![],
             hostname: "airlock".into(),
             tmp_size_bytes: 1 << 20,
+            cgroup_procs: Vec::new(),
+            cpu_rlimit_seconds: 0,
         }
     }
 

@@ -83,7 +83,7 @@ impl Drop for Sandbox {
 /// The namespaces every sandbox gets. Network: only a loopback interface, down. IPC:
 /// no SysV objects shared with Postgres. UTS: its own hostname. Pid: the runtime is
 /// pid 1 and sees only its descendants. Mount and user: see `setup`.
-const NAMESPACES: CloneFlags = CloneFlags::CLONE_NEWUSER
+pub(crate) const NAMESPACES: CloneFlags = CloneFlags::CLONE_NEWUSER
     .union(CloneFlags::CLONE_NEWNS)
     .union(CloneFlags::CLONE_NEWPID)
     .union(CloneFlags::CLONE_NEWNET)
@@ -93,6 +93,10 @@ const NAMESPACES: CloneFlags = CloneFlags::CLONE_NEWUSER
 /// Starts the runtime of `req` in a new sandbox, `data_fd` as its fd 3. Returns once the
 /// runtime has been exec'd, or with the step that failed (`"mount proc on /proc: EPERM:
 /// …"`).
+///
+/// Everything the child applies is prepared here first: the Landlock ruleset (refused
+/// with [`SandboxError::LandlockNotEnforced`] if this kernel would enforce less than the
+/// policy; never silently weaker) and the compiled seccomp filters.
 ///
 /// Meant to be called from a single-threaded process: the spawner (see
 /// [`crate::run_spawner`]). The caller must be root in the initial user namespace and
@@ -141,6 +145,7 @@ pub fn spawn(req: &SpawnRequest, data_fd: OwnedFd) -> Result<Sandbox, SandboxErr
     };
     // On any error below, dropping `sandbox` kills and reaps the child.
     write_id_maps(pid, req.uid, req.gid)?;
+    join_cgroup(pid, &req.cgroup_procs)?;
     release(&release_write)?;
     drop(release_write);
     match read_result(&result_read)? {
@@ -177,6 +182,19 @@ fn write_id_maps(pid: i32, uid: u32, gid: u32) -> Result<(), SandboxError> {
     ] {
         std::fs::write(format!("/proc/{pid}/{file}"), contents)
             .map_err(|source| SandboxError::IdMap { pid, file, source })?;
+    }
+    Ok(())
+}
+
+/// Moves the sandbox init into the call's cgroup while it still waits to be released:
+/// nothing of the runtime runs outside the call's memory, pids and CPU limits, and every
+/// process it starts is born inside them.
+fn join_cgroup(pid: i32, procs_files: &[std::path::PathBuf]) -> Result<(), SandboxError> {
+    for path in procs_files {
+        std::fs::write(path, pid.to_string()).map_err(|source| SandboxError::JoinCgroup {
+            path: path.clone(),
+            source,
+        })?;
     }
     Ok(())
 }

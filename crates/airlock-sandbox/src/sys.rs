@@ -354,6 +354,122 @@ pub(crate) fn execve(path: &CStr, argv: &[*const c_char], envp: &[*const c_char]
     Errno::last()
 }
 
+/// `landlock_create_ruleset(2)`'s flag asking for the kernel's ABI version.
+const LANDLOCK_CREATE_RULESET_VERSION: u32 = 1;
+
+/// `LANDLOCK_RULE_PATH_BENEATH`, the rule type of [`LandlockPathBeneath`].
+const LANDLOCK_RULE_PATH_BENEATH: c_int = 1;
+
+/// `struct landlock_path_beneath_attr`; packed in the kernel's UAPI. libc lacks it.
+#[repr(C, packed)]
+struct LandlockPathBeneath {
+    allowed_access: u64,
+    parent_fd: i32,
+}
+
+/// The kernel's Landlock ABI version: ENOSYS when it is not built in, EOPNOTSUPP when it
+/// is built but not enabled at boot.
+pub(crate) fn landlock_abi() -> Result<i32, Errno> {
+    // SAFETY: a null attr with size 0 and the VERSION flag only queries the version.
+    let v = check(unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<u8>(),
+            0usize,
+            LANDLOCK_CREATE_RULESET_VERSION,
+        )
+    })?;
+    // ABI versions are small positive integers.
+    Ok(v as i32)
+}
+
+/// Child-safe. Allows `access` (LANDLOCK_ACCESS_FS_* bits) beneath the file or directory
+/// `parent` in the ruleset `ruleset`.
+pub(crate) fn landlock_add_path_rule(
+    ruleset: BorrowedFd<'_>,
+    parent: BorrowedFd<'_>,
+    access: u64,
+) -> Result<(), Errno> {
+    let attr = LandlockPathBeneath {
+        allowed_access: access,
+        parent_fd: parent.as_raw_fd(),
+    };
+    // SAFETY: `attr` is a valid path_beneath attr that outlives the call; the kernel
+    // copies it and keeps a reference to `parent`'s inode, not to the fd.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_landlock_add_rule,
+            ruleset.as_raw_fd(),
+            LANDLOCK_RULE_PATH_BENEATH,
+            &attr as *const LandlockPathBeneath,
+            0u32,
+        )
+    })
+    .map(drop)
+}
+
+/// Child-safe. Restricts the calling thread (and everything it later starts) to
+/// `ruleset`. Needs no_new_privs (or CAP_SYS_ADMIN) first.
+pub(crate) fn landlock_restrict_self(ruleset: BorrowedFd<'_>) -> Result<(), Errno> {
+    // SAFETY: integer arguments only.
+    check(unsafe { libc::syscall(libc::SYS_landlock_restrict_self, ruleset.as_raw_fd(), 0u32) })
+        .map(drop)
+}
+
+/// Child-safe. Installs a seccomp filter on the calling thread; it is inherited across
+/// fork, clone and execve. Needs no_new_privs (or CAP_SYS_ADMIN) first.
+pub(crate) fn seccomp_set_filter(program: &[seccompiler::sock_filter]) -> Result<(), Errno> {
+    let len = u16::try_from(program.len()).map_err(|_| Errno::EINVAL)?;
+    let prog = libc::sock_fprog {
+        len,
+        // seccompiler's sock_filter is repr(C) with the kernel's layout (u16, u8, u8,
+        // u32), the same as libc's; the kernel only reads through the pointer.
+        filter: program.as_ptr().cast::<libc::sock_filter>().cast_mut(),
+    };
+    // SAFETY: `prog` points at `len` valid instructions that outlive the call; the
+    // kernel copies the program.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            0u32,
+            &prog as *const libc::sock_fprog,
+        )
+    })
+    .map(drop)
+}
+
+/// Child-safe. Sets the soft and hard limit of `resource` (RLIMIT_*) to `value`, with the
+/// raw `prlimit64` syscall on the calling process.
+pub(crate) fn set_rlimit(resource: c_int, value: u64) -> Result<(), Errno> {
+    let limit = libc::rlimit64 {
+        rlim_cur: value,
+        rlim_max: value,
+    };
+    // SAFETY: pid 0 is the caller; `limit` is valid for the call; a null old-limit
+    // pointer is allowed.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_prlimit64,
+            0,
+            resource,
+            &limit as *const libc::rlimit64,
+            std::ptr::null_mut::<libc::rlimit64>(),
+        )
+    })
+    .map(drop)
+}
+
+/// `clone3(NULL, 0)`: EINVAL from the kernel (a zero size is too small), ENOSYS under
+/// the sandbox's seccomp filter. Creates no process either way.
+pub(crate) fn clone3_invalid() -> Errno {
+    // SAFETY: a null pointer with size 0 is rejected before the kernel reads anything.
+    match check(unsafe { libc::syscall(libc::SYS_clone3, std::ptr::null::<u8>(), 0usize) }) {
+        Ok(_) => Errno::UnknownErrno,
+        Err(e) => e,
+    }
+}
+
 /// One received datagram: its length, the fds attached to it (close-on-exec), and
 /// whether the kernel cut the data or the fds short.
 pub(crate) struct Received {

@@ -45,6 +45,8 @@ pub struct Config {
     pub workers: Workers,
     #[serde(default)]
     pub limits: Limits,
+    #[serde(default)]
+    pub enforcement: Enforcement,
     /// Runtimes by language name.
     #[serde(default)]
     pub runtimes: BTreeMap<Language, Runtime>,
@@ -68,6 +70,14 @@ pub struct Workers {
 pub struct Limits {
     /// Wall-clock time a call's sandbox may live.
     pub wall_clock_seconds: f64,
+    /// CPU time all of a call's processes together may use (cgroup accounting).
+    pub cpu_seconds: u64,
+    /// Memory of all of a call's processes together (cgroup memory limit, no swap).
+    pub memory_mib: u64,
+    /// Processes and threads of a call at once (cgroup pids limit).
+    pub pids: u64,
+    /// CPU bandwidth of a call, percent of one core.
+    pub cpu_percent: u32,
     /// Size of each sandbox's private /tmp.
     pub tmp_size_mib: u64,
 }
@@ -76,9 +86,31 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             wall_clock_seconds: 60.0,
+            cpu_seconds: 60,
+            memory_mib: 512,
+            pids: 256,
+            cpu_percent: 100,
             tmp_size_mib: 64,
         }
     }
+}
+
+/// Isolation layers the operator may waive, by name. A waived layer is still applied
+/// where the kernel supports it; waiving only lets the daemon start where it does not.
+/// Namespaces, no_new_privs, seccomp and Landlock cannot be waived: the sandbox refuses
+/// to start a runtime without them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Layer {
+    Cgroups,
+}
+
+/// What the daemon may run without.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Enforcement {
+    /// Layers that may be missing on this kernel; each is logged at start.
+    pub waive: Vec<Layer>,
 }
 
 /// Where one language's runtime lives on the host.
@@ -188,6 +220,21 @@ impl Config {
                 "must be more than 0 and at most 86400".into(),
             ));
         }
+        if self.limits.memory_mib < 16 {
+            return Err(invalid("limits.memory_mib", "must be at least 16".into()));
+        }
+        if self.limits.pids < 8 {
+            return Err(invalid("limits.pids", "must be at least 8".into()));
+        }
+        if !(1..=10_000).contains(&self.limits.cpu_percent) {
+            return Err(invalid(
+                "limits.cpu_percent",
+                "must be between 1 and 10000 (100 is one core)".into(),
+            ));
+        }
+        if self.limits.cpu_seconds == 0 {
+            return Err(invalid("limits.cpu_seconds", "must be at least 1".into()));
+        }
         if self.limits.tmp_size_mib == 0 {
             return Err(invalid("limits.tmp_size_mib", "must be at least 1".into()));
         }
@@ -259,6 +306,35 @@ mod tests {
                 .contains("`limits.wall_clock_seconds`")
         );
         assert!(err(&GOOD.replace("\"/var/lib/airlock\"", "\"rel\"")).contains("`state_dir`"));
+    }
+
+    #[test]
+    fn waivers_name_known_layers_only() {
+        let c = Config::parse(
+            Path::new("t.toml"),
+            &format!("{GOOD}\n[enforcement]\nwaive = [\"cgroups\"]\n"),
+        )
+        .unwrap();
+        assert_eq!(c.enforcement.waive, vec![Layer::Cgroups]);
+        let e = err(&format!("{GOOD}\n[enforcement]\nwaive = [\"landlock\"]\n"));
+        assert!(e.contains("landlock"), "{e}");
+    }
+
+    #[test]
+    fn resource_limits_have_defaults_and_bounds() {
+        let c = Config::parse(Path::new("t.toml"), GOOD).unwrap();
+        assert_eq!(c.limits.memory_mib, 512);
+        assert_eq!(c.limits.pids, 256);
+        assert!(err(&GOOD.replace(
+            "wall_clock_seconds = 5",
+            "wall_clock_seconds = 5\nmemory_mib = 1"
+        ))
+        .contains("`limits.memory_mib`"));
+        assert!(err(&GOOD.replace(
+            "wall_clock_seconds = 5",
+            "wall_clock_seconds = 5\ncpu_percent = 0"
+        ))
+        .contains("`limits.cpu_percent`"));
     }
 
     #[test]

@@ -8,6 +8,7 @@
 #![deny(unsafe_code)]
 
 pub mod config;
+pub mod enforcement;
 pub mod runtime;
 pub mod server;
 pub mod session;

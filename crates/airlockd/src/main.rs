@@ -6,7 +6,7 @@ use std::{os::unix::fs::PermissionsExt, path::PathBuf, sync::Arc};
 use anyhow::{bail, Context};
 use clap::Parser;
 
-use airlockd::{config::Config, server, session, spawner};
+use airlockd::{config::Config, enforcement, server, session, spawner};
 
 /// Airlock's launcher daemon.
 #[derive(Parser)]
@@ -15,6 +15,10 @@ struct Args {
     /// Path of the TOML config file.
     #[arg(long, short, default_value = "/etc/airlock/airlockd.toml")]
     config: PathBuf,
+    /// Print which isolation layers this kernel enforces, and exit (1 if any is missing
+    /// and not waived by the config, when the config can be read).
+    #[arg(long)]
+    check: bool,
     /// Internal: run as the single-threaded sandbox spawner on fd 3.
     #[arg(hide = true)]
     mode: Option<String>,
@@ -41,7 +45,16 @@ fn main() -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("airlockd must run as root: it creates namespaces and switches to worker uids");
     }
+    if args.check {
+        return check(&args.config);
+    }
     let config = Arc::new(Config::load(&args.config)?);
+    // Every layer enforced, or explicitly waived: never a silent downgrade.
+    let lines = enforcement::report();
+    for line in enforcement::require(&config, &lines)? {
+        tracing::warn!(layer = %line.layer, detail = %line.detail, "isolation layer WAIVED by the config: sandboxes run without it");
+    }
+    let cgroups = enforcement::cgroups(&lines)?;
     session::prepare_state_dir(&config)
         .with_context(|| format!("preparing state directory {}", config.state_dir.display()))?;
 
@@ -59,7 +72,7 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(1);
         })?;
         let listener = bind(&config.socket_path)?;
-        let daemon = Arc::new(server::Daemon::new(config.clone(), handle));
+        let daemon = Arc::new(server::Daemon::new(config.clone(), handle, cgroups));
         tracing::info!(socket = %config.socket_path.display(), "airlockd listening");
         let shutdown = async {
             let mut term =
@@ -75,6 +88,34 @@ fn main() -> anyhow::Result<()> {
         anyhow::Ok(())
     })?;
     Ok(())
+}
+
+/// `airlockd --check`: the report, and whether the daemon would start.
+fn check(config_path: &std::path::Path) -> anyhow::Result<()> {
+    let lines = enforcement::report();
+    for line in &lines {
+        println!("{line}");
+    }
+    match Config::load(config_path) {
+        Ok(config) => match enforcement::require(&config, &lines) {
+            Ok(waived) => {
+                for line in waived {
+                    println!("waived by {}: {}", config_path.display(), line.layer);
+                }
+                println!("airlockd would start with {}", config_path.display());
+                Ok(())
+            }
+            Err(e) => bail!("airlockd would refuse to start: {e}"),
+        },
+        Err(e) => {
+            println!("(config not checked: {e})");
+            if lines.iter().all(|l| l.enforced) {
+                Ok(())
+            } else {
+                bail!("some layers are not enforced on this kernel")
+            }
+        }
+    }
 }
 
 fn bind(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener> {

@@ -115,5 +115,10 @@ pub fn spawn_request(config: &Config, call: CallSpec<'_>) -> SpawnRequest {
         env,
         hostname: "airlock".into(),
         tmp_size_bytes: config.limits.tmp_size_mib * 1024 * 1024,
+        // Filled in by the caller once the call's cgroup exists.
+        cgroup_procs: Vec::new(),
+        // The daemon's per-call CPU accounting acts first; each process's own limit is
+        // a backstop a little above it.
+        cpu_rlimit_seconds: config.limits.cpu_seconds + 5,
     }
 }

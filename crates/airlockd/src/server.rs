@@ -22,6 +22,7 @@ use airlock_protocol::{
     spawner::ExitStatus,
     FrameDecoder, PROTOCOL_VERSION,
 };
+use airlock_sandbox::cgroup::{CallCgroup, CgroupLimits, CgroupRoot, CgroupStats};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -42,17 +43,21 @@ use crate::{
 pub struct Daemon {
     pub config: Arc<Config>,
     pub spawner: SpawnerHandle,
+    /// Where per-call cgroups are made; None only when the operator waived cgroups and
+    /// this host has none.
+    pub cgroups: Option<CgroupRoot>,
     workers: Mutex<BTreeSet<u32>>,
     next_call: AtomicU64,
 }
 
 impl Daemon {
-    pub fn new(config: Arc<Config>, spawner: SpawnerHandle) -> Self {
+    pub fn new(config: Arc<Config>, spawner: SpawnerHandle, cgroups: Option<CgroupRoot>) -> Self {
         let first = config.workers.first_uid;
         let free = (first..=config.last_worker_uid()).collect();
         Daemon {
             config,
             spawner,
+            cgroups,
             workers: Mutex::new(free),
             next_call: AtomicU64::new(1),
         }
@@ -114,6 +119,41 @@ pub async fn serve(
                     }
                 });
             }
+        }
+    }
+}
+
+/// How often a running call's CPU time is read.
+const CPU_POLL: Duration = Duration::from_millis(200);
+
+/// A call's cgroup; on drop its leftover processes are killed and it is removed, off the
+/// event loop (removal waits for the processes to go).
+struct CallGroup(Option<CallCgroup>);
+
+impl CallGroup {
+    fn stats(&self) -> Option<CgroupStats> {
+        let cg = self.0.as_ref()?;
+        match cg.stats() {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the call's cgroup statistics");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for CallGroup {
+    fn drop(&mut self) {
+        let Some(cg) = self.0.take() else { return };
+        let remove = move || {
+            if let Err(e) = cg.remove() {
+                tracing::error!(error = %e, "cannot remove the call's cgroup");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => drop(handle.spawn_blocking(remove)),
+            Err(_) => remove(),
         }
     }
 }
@@ -333,7 +373,31 @@ async fn run_call(
                 .await;
         }
     };
-    let req = runtime::spawn_request(
+    // The call's cgroup: memory, pids and CPU limits for every process of the call, and
+    // the accounting that tells a memory kill from a crash.
+    let limits = &config.limits;
+    let cgroup = match &daemon.cgroups {
+        Some(root) => match root.create(
+            &format!("call-{session_id}"),
+            &CgroupLimits {
+                memory_bytes: limits.memory_mib * 1024 * 1024,
+                pids: limits.pids,
+                cpu_quota_percent: limits.cpu_percent,
+            },
+        ) {
+            Ok(cg) => Some(CallGroup(Some(cg))),
+            Err(e) => {
+                return conn
+                    .refuse(
+                        RefusalKind::Sandbox,
+                        format!("cannot create the call's cgroup: {e}"),
+                    )
+                    .await;
+            }
+        },
+        None => None,
+    };
+    let mut req = runtime::spawn_request(
         config,
         CallSpec {
             call_id,
@@ -345,6 +409,11 @@ async fn run_call(
             session_target: PathBuf::from("/sessions").join(session_id.to_string()),
         },
     );
+    req.cgroup_procs = cgroup
+        .as_ref()
+        .and_then(|c| c.0.as_ref())
+        .map(|c| c.procs_files())
+        .unwrap_or_default();
     let started = match daemon.spawner.spawn(req, sandbox_end).await {
         Ok(s) => s,
         Err(e) => {
@@ -375,28 +444,59 @@ async fn run_call(
     // hangs up (cancel, statement_timeout, error in the backend).
     let deadline = tokio::time::sleep(Duration::from_millis(wall_limit_ms));
     tokio::pin!(deadline);
+    // CPU time is accounted per cgroup, so it covers every process of the call.
+    let cpu_limit_usec = limits.cpu_seconds.saturating_mul(1_000_000);
+    let mut cpu_tick = tokio::time::interval(CPU_POLL);
     let mut probe = [0u8; 64];
-    let outcome = tokio::select! {
-        status = &mut exited => match status {
-            Ok(ExitStatus::Code { code }) => Outcome::Exited { code },
-            Ok(ExitStatus::Signal { signal }) => Outcome::Signaled { signal },
-            Err(_) => Outcome::Signaled { signal: 9 },
-        },
-        _ = &mut deadline => {
-            daemon.spawner.kill(call_id);
-            let _ = (&mut exited).await;
-            tracing::info!(limit_ms = wall_limit_ms, "wall-clock limit reached, sandbox killed");
-            Outcome::TimedOut { limit_ms: wall_limit_ms }
-        }
-        // Any byte or EOF from the backend at this point means it has given up.
-        _ = conn.stream.read(&mut probe) => {
-            daemon.spawner.kill(call_id);
-            let _ = (&mut exited).await;
-            tracing::info!("backend hung up, sandbox killed");
-            Outcome::Cancelled
+    let mut outcome = loop {
+        tokio::select! {
+            status = &mut exited => break match status {
+                Ok(ExitStatus::Code { code }) => Outcome::Exited { code },
+                Ok(ExitStatus::Signal { signal }) => Outcome::Signaled { signal },
+                Err(_) => Outcome::Signaled { signal: 9 },
+            },
+            _ = &mut deadline => {
+                daemon.spawner.kill(call_id);
+                let _ = (&mut exited).await;
+                tracing::info!(limit_ms = wall_limit_ms, "wall-clock limit reached, sandbox killed");
+                break Outcome::TimedOut { limit_ms: wall_limit_ms };
+            }
+            // Any byte or EOF from the backend at this point means it has given up.
+            _ = conn.stream.read(&mut probe) => {
+                daemon.spawner.kill(call_id);
+                let _ = (&mut exited).await;
+                tracing::info!("backend hung up, sandbox killed");
+                break Outcome::Cancelled;
+            }
+            _ = cpu_tick.tick(), if cgroup.is_some() => {
+                let used = cgroup.as_ref().and_then(|c| c.stats()).map(|s| s.cpu_usage_usec);
+                if used.is_some_and(|u| u >= cpu_limit_usec) {
+                    daemon.spawner.kill(call_id);
+                    let _ = (&mut exited).await;
+                    tracing::info!(limit_s = limits.cpu_seconds, "CPU-time limit reached, sandbox killed");
+                    break Outcome::CpuLimit { limit_seconds: limits.cpu_seconds };
+                }
+            }
         }
     };
+    if let Some(cg) = &cgroup {
+        // A kill by the kernel's OOM killer looks like any SIGKILL from outside; the
+        // cgroup's own count tells them apart.
+        if let Some(stats) = cg.stats() {
+            tracing::info!(
+                memory_peak_bytes = stats.memory_peak_bytes,
+                cpu_usage_usec = stats.cpu_usage_usec,
+                "resources used"
+            );
+            if stats.oom_killed && !matches!(outcome, Outcome::Cancelled) {
+                outcome = Outcome::MemoryLimit {
+                    limit_bytes: limits.memory_mib * 1024 * 1024,
+                };
+            }
+        }
+    }
     tracing::info!(?outcome, "call ended");
+    drop(cgroup);
     drop(session);
     drop(worker);
     if outcome != Outcome::Cancelled {
