@@ -236,7 +236,7 @@ impl Daemon {
             format!(
                 "socket_path = \"{}\"\nallowed_peer_uids = [{}]\nstate_dir = \"{}\"\n\
                  [workers]\nfirst_uid = {}\ncount = {}\ngid = {}\n\
-                 [limits]\nwall_clock_seconds = {}\ncpu_seconds = {}\nmemory_mib = {}\npids = {}\n\
+                 [limits]\nwall_clock_seconds = {}\ncpu_seconds = {}\nmemory_mib = {}\npids = {}\nsession_size_mib = 64\ntmp_size_mib = 64\n\
                  [runtimes.python]\nprefix = \"{}\"\n",
                 socket.display(),
                 postgres_user().uid,

@@ -555,20 +555,187 @@ fn session_folder_is_removed_after_an_error() -> TestResult {
     session_folder_gone(&notices)
 }
 
-/// The session folder the script printed as its first NOTICE no longer exists on the host.
+/// The session folder the script printed as its first NOTICE no longer exists on the
+/// host, and neither does the call's cgroup (which cannot be removed while any process
+/// of the call is left in it).
 fn session_folder_gone(notices: &airlock_e2e::Notices) -> TestResult {
     let cwd = notices
         .lock()
         .map(|n| n.iter().find(|l| l.starts_with("/sessions/")).cloned())
         .unwrap_or_default()
         .ok_or("the script's print of its folder never arrived")?;
-    let host = env()
-        .daemon
-        .sessions_dir()
-        .join(cwd.trim_start_matches("/sessions/"));
+    let uuid = cwd.trim_start_matches("/sessions/");
+    let host = env().daemon.sessions_dir().join(uuid);
     ensure(
         eventually(Duration::from_secs(2), || !host.exists()),
         format!("{} still exists", host.display()),
+    )?;
+    let group = format!("call-{uuid}");
+    ensure(
+        eventually(Duration::from_secs(5), || {
+            find_dir("/sys/fs/cgroup".as_ref(), &group, 8).is_none()
+        }),
+        format!("cgroup {group} (and so possibly its processes) is left"),
+    )
+}
+
+/// A directory named `name` at most `depth` levels below `root`.
+fn find_dir(root: &std::path::Path, name: &str, depth: usize) -> Option<std::path::PathBuf> {
+    let entries = std::fs::read_dir(root).ok()?;
+    for e in entries.flatten() {
+        let Ok(ft) = e.file_type() else { continue };
+        if !ft.is_dir() {
+            continue;
+        }
+        if e.file_name() == name {
+            return Some(e.path());
+        }
+        if depth > 0 {
+            if let Some(p) = find_dir(&e.path(), name, depth - 1) {
+                return Some(p);
+            }
+        }
+    }
+    None
+}
+
+/// Preamble of every escape attempt: `err(f)` runs f and names the errno it failed with
+/// ('ok' if it did not fail), `sc(nr, ...)` makes a raw system call the same way, and
+/// `run(...)` gives a program's exit status.
+const ESCAPE_PRELUDE: &str = r#"import os, errno, socket, ctypes, subprocess, signal, pandas as pd
+libc = ctypes.CDLL(None, use_errno=True)
+def err(f):
+    try:
+        f(); return 'ok'
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+def sc(nr, *a):
+    r = libc.syscall(nr, *a)
+    return 'ok' if r >= 0 else errno.errorcode.get(ctypes.get_errno())
+def run(*prog):
+    p = subprocess.run(prog, capture_output=True, text=True, timeout=5, stdin=subprocess.DEVNULL)
+    return p.returncode
+def dns():
+    try:
+        socket.getaddrinfo('example.com', 80)
+        return 'resolved'
+    except socket.gaierror as e:
+        return 'gaierror'
+"#;
+
+/// One escape attempt from inside a real sandbox, through SQL: `expr` is a Python
+/// expression whose value must be `want`.
+fn escape(expr: &str, want: &str) -> TestResult {
+    let mut c = analyst();
+    let script = format!(
+        "{ESCAPE_PRELUDE}result = {expr}\nOutputDataSet = pd.DataFrame({{'r': [str(result)]}})"
+    );
+    let rows = py(&mut c, &script, None, "r text")?;
+    let got: String = rows[0].get(0);
+    ensure(got == want, format!("{expr}: got {got:?}, want {want:?}"))
+}
+
+/// The escape suite: (name, Python expression, the exact failure it must give).
+fn escape_cases(cluster: &Cluster, daemon: &Daemon) -> Vec<(String, String, String)> {
+    let pgdata = cluster.dir.path().join("pgdata");
+    let pgdata = pgdata.display();
+    let state = daemon.state_dir.display();
+    let prefix = airlock_e2e::python_prefix();
+    let port = cluster.port;
+    let sock = cluster.socket_file();
+    let sock = sock.display();
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("read_etc_shadow", "err(lambda: open('/etc/shadow').read())".into(), "ENOENT"),
+        ("read_data_directory", format!("err(lambda: os.listdir('{pgdata}'))"), "ENOENT"),
+        ("read_postgresql_conf", format!("err(lambda: open('{pgdata}/postgresql.conf').read())"), "ENOENT"),
+        ("read_pg_hba_conf", format!("err(lambda: open('{pgdata}/pg_hba.conf').read())"), "ENOENT"),
+        ("read_daemon_state", format!("err(lambda: os.listdir('{state}'))"), "ENOENT"),
+        ("write_root", "err(lambda: open('/x', 'w'))".into(), "EROFS"),
+        ("write_usr", "err(lambda: open('/usr/bin/x', 'w'))".into(), "EROFS"),
+        ("write_etc_passwd", "err(lambda: open('/etc/passwd', 'a'))".into(), "EROFS"),
+        ("write_site_packages", format!("err(lambda: open('{prefix}/venv/lib/python3.11/site-packages/evil.py', 'w'))"), "EROFS"),
+        ("list_parent_of_session_folder", "err(lambda: os.listdir('/sessions'))".into(), "EACCES"),
+        ("list_root", "err(lambda: os.listdir('/'))".into(), "EACCES"),
+        ("proc_1_root_is_the_sandbox", "os.readlink('/proc/1/root')".into(), "/"),
+        ("mountinfo_hides_host_paths", format!("any(p in open('/proc/self/mountinfo').read() for p in ('{state}', '{pgdata}', '/work', '/root'))"), "False"),
+        ("write_sys", "err(lambda: open('/sys/kernel/x', 'w'))".into(), "ENOENT"),
+        ("open_dev_mem", "err(lambda: open('/dev/mem', 'rb'))".into(), "ENOENT"),
+        ("open_dev_kmsg", "err(lambda: open('/dev/kmsg', 'rb'))".into(), "ENOENT"),
+        ("tcp_to_localhost", format!("err(lambda: socket.create_connection(('127.0.0.1', {port}), 1))"), "EPERM"),
+        ("tcp_to_ipv6_localhost", format!("err(lambda: socket.create_connection(('::1', {port}), 1))"), "EPERM"),
+        ("udp_to_localhost", format!("err(lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('127.0.0.1', {port})))"), "EPERM"),
+        ("tcp_to_outside_address", "err(lambda: socket.create_connection(('192.0.2.1', 80), 1))".into(), "EPERM"),
+        ("dns_lookup", "dns()".into(), "gaierror"),
+        ("raw_socket", "err(lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, 1))".into(), "EPERM"),
+        ("packet_socket", "err(lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0))".into(), "EPERM"),
+        ("netlink_socket", "err(lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0))".into(), "EPERM"),
+        ("cluster_unix_socket", format!("err(lambda: socket.socket(socket.AF_UNIX).connect('{sock}'))"), "ENOENT"),
+        ("see_other_processes", "','.join(p for p in os.listdir('/proc') if p.isdigit())".into(), "1"),
+        ("kill_everything", "err(lambda: os.kill(-1, signal.SIGKILL))".into(), "ESRCH"),
+        ("ptrace_attach", "sc(101, 16, 1, 0, 0)".into(), "EPERM"),
+        ("run_su", "run('su', '-c', 'id')".into(), "1"),
+        ("run_sudo", "run('sudo', 'id')".into(), "1"),
+        ("run_mount", "run('mount', '-t', 'tmpfs', 'x', '/tmp')".into(), "32"),
+        ("run_passwd", "run('passwd')".into(), "10"),
+        ("unshare_user_namespace", "sc(272, 0x10000000)".into(), "EPERM"),
+        ("mount_syscall", "sc(165, 0, 0, 0, 0, 0)".into(), "EPERM"),
+        ("chroot", "sc(161, 0)".into(), "EPERM"),
+        ("setns", "sc(308, 0, 0)".into(), "EPERM"),
+        ("keyctl", "sc(250, 0, 0, 0, 0)".into(), "EPERM"),
+        ("bpf", "sc(321, 0, 0, 0)".into(), "EPERM"),
+        ("perf_event_open", "sc(298, 0, 0, 0, 0, 0)".into(), "EPERM"),
+        ("userfaultfd", "sc(323, 0)".into(), "EPERM"),
+        ("io_uring_setup", "sc(425, 1, 0)".into(), "EPERM"),
+        ("secrets_in_environment", "','.join(sorted(os.environ))".into(), "HOME,LANG,LC_ALL,LOGNAME,PATH,TMPDIR,USER"),
+        ("fill_session_folder", "err(lambda: [open(f'f{i}', 'wb').write(b'x' * (1 << 24)) for i in range(10**4)])".into(), "ENOSPC"),
+        ("fill_tmp", "err(lambda: [open(f'/tmp/f{i}', 'wb').write(b'x' * (1 << 24)) for i in range(10**4)])".into(), "ENOSPC"),
+        ("exhaust_fds", "err(lambda: [open('/dev/null') for i in range(10**5)])".into(), "EMFILE"),
+    ];
+    cases
+        .into_iter()
+        .map(|(n, e, w)| (format!("escape_{n}"), e, w.to_string()))
+        .collect()
+}
+
+fn nothing_survives_between_calls() -> TestResult {
+    let mut c = analyst();
+    py(
+        &mut c,
+        "import pandas as pd\nopen('/tmp/left_in_tmp', 'w').write('x')\nopen('left_in_session', 'w').write('x')\nOutputDataSet = pd.DataFrame({'a': [1]})",
+        None,
+        "a int",
+    )?;
+    let rows = py(
+        &mut c,
+        "import os, pandas as pd\nOutputDataSet = pd.DataFrame({'a': [os.path.exists('/tmp/left_in_tmp') or os.path.exists('left_in_session')]})",
+        None,
+        "a bool",
+    )?;
+    ensure(
+        !rows[0].get::<_, bool>(0),
+        "a file written in one call is visible in the next",
+    )
+}
+
+fn a_gigabyte_of_output_is_cut_and_the_call_ends() -> TestResult {
+    let (mut c, notices) = env().cluster.connect("analyst");
+    let started = Instant::now();
+    py(
+        &mut c,
+        "import sys, pandas as pd\nchunk = ('x' * 1023 + '\\n') * 1024\nfor i in range(1024):\n    sys.stdout.write(chunk)\nOutputDataSet = pd.DataFrame({'a': [1]})",
+        None,
+        "a int",
+    )?;
+    let got = notices.lock().map(|n| n.clone()).unwrap_or_default();
+    let shown: usize = got.iter().map(|n| n.len()).sum();
+    ensure(shown <= 1 << 20, format!("{shown} bytes of NOTICEs"))?;
+    ensure(
+        got.iter().any(|n| n.contains("not shown")),
+        "no truncation note",
+    )?;
+    ensure(
+        started.elapsed() < Duration::from_secs(WALL_LIMIT as u64),
+        format!("took {:?}", started.elapsed()),
     )
 }
 
@@ -761,9 +928,14 @@ fn memory_bomb_hits_the_memory_limit() -> TestResult {
 }
 
 fn cpu_spin_hits_the_cpu_limit() -> TestResult {
-    let mut c = analyst();
+    let (mut c, notices) = env().cluster.connect("analyst");
     let started = Instant::now();
-    let e = expect_err(py(&mut c, "while True:\n    pass", None, "a int"))?;
+    let e = expect_err(py(
+        &mut c,
+        "import os, time\nprint(os.getcwd(), flush=True)\ntime.sleep(0.3)\nwhile True:\n    pass",
+        None,
+        "a int",
+    ))?;
     expect_code(&e, &SqlState::PROGRAM_LIMIT_EXCEEDED)?;
     expect_contains(
         e.message(),
@@ -775,19 +947,21 @@ fn cpu_spin_hits_the_cpu_limit() -> TestResult {
             "took {:?}, the wall clock must not be what stopped it",
             started.elapsed()
         ),
-    )
+    )?;
+    session_folder_gone(&notices)
 }
 
 fn fork_bomb_hits_the_pids_limit() -> TestResult {
-    let mut c = analyst();
+    let (mut c, notices) = env().cluster.connect("analyst");
     let e = expect_err(py(
         &mut c,
-        "import os, time\nfor i in range(100000):\n    if os.fork() == 0:\n        time.sleep(60)\n        os._exit(0)",
+        "import os, time\nprint(os.getcwd(), flush=True)\ntime.sleep(0.3)\nfor i in range(100000):\n    if os.fork() == 0:\n        time.sleep(60)\n        os._exit(0)",
         None,
         "a int",
     ))?;
     expect_code(&e, &SqlState::EXTERNAL_ROUTINE_EXCEPTION)?;
     expect_contains(e.message(), "BlockingIOError")?;
+    session_folder_gone(&notices)?;
     let rows = py(
         &mut c,
         "import pandas as pd\nOutputDataSet = pd.DataFrame({'a': [1]})",
@@ -979,14 +1153,20 @@ fn main() {
         memory_bomb_hits_the_memory_limit,
         cpu_spin_hits_the_cpu_limit,
         fork_bomb_hits_the_pids_limit,
+        nothing_survives_between_calls,
+        a_gigabyte_of_output_is_cut_and_the_call_ends,
         statement_timeout_applies,
         daemon_not_running_hints_how_to_start_it,
         socket_path_is_superuser_only,
         daemon_refuses_other_peers,
         switch_off_is_an_error_with_the_fix,
     ];
-    let conclusion = libtest_mimic::run(&args, trials);
+    let mut trials = trials;
     let env = env();
+    for (name, expr, want) in escape_cases(&env.cluster, &env.daemon) {
+        trials.push(Trial::test(name, move || escape(&expr, &want)));
+    }
+    let conclusion = libtest_mimic::run(&args, trials);
     if conclusion.has_failed() {
         eprintln!("---- airlockd log ----\n{}", env.daemon.log());
     }

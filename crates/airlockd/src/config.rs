@@ -80,6 +80,8 @@ pub struct Limits {
     pub cpu_percent: u32,
     /// Size of each sandbox's private /tmp.
     pub tmp_size_mib: u64,
+    /// Size of each session folder (a tmpfs of its own).
+    pub session_size_mib: u64,
 }
 
 impl Default for Limits {
@@ -91,6 +93,7 @@ impl Default for Limits {
             pids: 256,
             cpu_percent: 100,
             tmp_size_mib: 64,
+            session_size_mib: 256,
         }
     }
 }
@@ -234,6 +237,9 @@ impl Config {
         }
         if self.limits.cpu_seconds == 0 {
             return Err(invalid("limits.cpu_seconds", "must be at least 1".into()));
+        }
+        if self.limits.session_size_mib == 0 {
+            return Err(invalid("limits.session_size_mib", "must be at least 1".into()));
         }
         if self.limits.tmp_size_mib == 0 {
             return Err(invalid("limits.tmp_size_mib", "must be at least 1".into()));

@@ -1,5 +1,10 @@
 //! Session folders: one per call, named by a fresh UUID, mode 0700, owned by the call's
 //! worker, removed when the call ends.
+//!
+//! Each folder is a tmpfs of its own, mounted by the daemon on the host: its size is
+//! bounded (`limits.session_size_mib`; what a script writes is also charged to its
+//! memory cgroup), it never touches the disk Postgres lives on, and removing it is one
+//! unmount however many files the script left.
 
 use std::{
     fs, io,
@@ -30,6 +35,7 @@ pub fn prepare_state_dir(config: &Config) -> io::Result<()> {
     for entry in fs::read_dir(&sessions)? {
         let path = entry?.path();
         tracing::warn!(path = %path.display(), "removing session folder left by an earlier run");
+        unmount(&path);
         // A folder that cannot be removed must not keep the daemon from starting; it is
         // logged and left for an operator.
         if let Err(e) = remove_tree(&path) {
@@ -53,15 +59,34 @@ pub struct SessionDir {
     path: PathBuf,
 }
 
+/// Detaches a session tmpfs (EINVAL: it was not mounted; nothing to do).
+fn unmount(path: &Path) {
+    match nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH) {
+        Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
+        Err(e) => {
+            tracing::error!(path = %path.display(), error = %e, "cannot unmount session folder")
+        }
+    }
+}
+
 impl SessionDir {
     pub fn create(config: &Config, id: Uuid, uid: u32) -> io::Result<SessionDir> {
         let path = sessions_root(config).join(id.to_string());
         fs::DirBuilder::new().mode(0o700).create(&path)?;
         let dir = SessionDir { path };
-        nix::unistd::chown(
+        let gid = config.workers.gid;
+        let options = format!(
+            "size={}m,nr_inodes={},mode=0700,uid={uid},gid={gid}",
+            config.limits.session_size_mib,
+            // One inode per 16 KiB of space: plenty of small files, no inode flood.
+            config.limits.session_size_mib * 64,
+        );
+        nix::mount::mount(
+            Some("airlock-session"),
             &dir.path,
-            Some(nix::unistd::Uid::from_raw(uid)),
-            Some(nix::unistd::Gid::from_raw(config.workers.gid)),
+            Some("tmpfs"),
+            nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+            Some(options.as_str()),
         )
         .map_err(io::Error::from)?;
         Ok(dir)
@@ -76,6 +101,7 @@ impl Drop for SessionDir {
     fn drop(&mut self) {
         let path = std::mem::take(&mut self.path);
         let remove = move || {
+            unmount(&path);
             if let Err(e) = remove_tree(&path) {
                 tracing::error!(path = %path.display(), error = %e, "cannot remove session folder");
             }
