@@ -697,6 +697,41 @@ fn escape_cases(cluster: &Cluster, daemon: &Daemon) -> Vec<(String, String, Stri
         .collect()
 }
 
+fn another_sessions_folder_is_invisible() -> TestResult {
+    // Call A keeps its session folder alive with a file in it; call B, running at the
+    // same time, looks for it by name.
+    let (mut a, notices) = env().cluster.connect("analyst");
+    let holder = thread::spawn(move || {
+        py(
+            &mut a,
+            "import os, time, pandas as pd\nopen('secret.txt', 'w').write('mine')\nprint(os.getcwd(), flush=True)\ntime.sleep(2.5)\nOutputDataSet = pd.DataFrame({'a': [1]})",
+            None,
+            "a int",
+        )
+        .map(|_| ())
+    });
+    let mut a_cwd = None;
+    ensure(
+        eventually(Duration::from_secs(3), || {
+            a_cwd = notices
+                .lock()
+                .ok()
+                .and_then(|n| n.iter().find(|l| l.starts_with("/sessions/")).cloned());
+            a_cwd.is_some()
+        }),
+        "call A never printed its folder",
+    )?;
+    let a_cwd = a_cwd.unwrap_or_default();
+    let result = escape(
+        &format!(
+            "(err(lambda: os.listdir('{a_cwd}')), err(lambda: open('{a_cwd}/secret.txt').read()))"
+        ),
+        "('ENOENT', 'ENOENT')",
+    );
+    holder.join().map_err(|_| "call A panicked")??;
+    result
+}
+
 fn nothing_survives_between_calls() -> TestResult {
     let mut c = analyst();
     py(
@@ -1154,6 +1189,7 @@ fn main() {
         cpu_spin_hits_the_cpu_limit,
         fork_bomb_hits_the_pids_limit,
         nothing_survives_between_calls,
+        another_sessions_folder_is_invisible,
         a_gigabyte_of_output_is_cut_and_the_call_ends,
         statement_timeout_applies,
         daemon_not_running_hints_how_to_start_it,
