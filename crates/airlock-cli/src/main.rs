@@ -1,11 +1,15 @@
 //! `airlock`: the command-line tool.
 //!
+//! `airlock audit verify [FILE]` checks the hash chain of `airlockd`'s audit log and
+//! names the first broken record.
+//!
 //! `airlock local start|status|stop` runs a complete Airlock on this machine for trying it
 //! out: a Postgres cluster under `./.airlock/` (run as the `postgres` OS user, reachable
 //! only through a private Unix socket), the extension installed, created and enabled, and
 //! `airlockd` in the background. The last line `start` prints is a libpq URI.
 #![forbid(unsafe_code)]
 
+mod audit;
 mod local;
 
 use clap::{Parser, Subcommand};
@@ -30,6 +34,21 @@ enum Command {
         #[arg(long, global = true, default_value = ".airlock")]
         dir: std::path::PathBuf,
     },
+    /// The daemon's audit log.
+    Audit {
+        #[command(subcommand)]
+        action: AuditAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditAction {
+    /// Check the log's hash chain: exit 0 if intact, 1 naming the first broken record.
+    Verify {
+        /// The log (for `airlock local`: .airlock/state/audit.jsonl).
+        #[arg(default_value = audit::DEFAULT_LOG)]
+        file: std::path::PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -53,6 +72,14 @@ fn main() -> anyhow::Result<()> {
                 LocalAction::Status => local.status(),
                 LocalAction::Stop => local.stop(),
             }
+        }
+        Command::Audit {
+            action: AuditAction::Verify { file },
+        } => {
+            if !audit::verify(&file)? {
+                std::process::exit(1);
+            }
+            Ok(())
         }
     }
 }

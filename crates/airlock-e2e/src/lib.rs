@@ -190,6 +190,7 @@ pub struct DaemonSettings {
     pub cpu_seconds: u64,
     pub memory_mib: u64,
     pub pids: u64,
+    pub queue_timeout_seconds: f64,
 }
 
 /// A running airlockd with a temporary config and state directory.
@@ -216,6 +217,21 @@ pub fn airlockd_bin() -> PathBuf {
     panic!("airlockd not built: run `cargo build --release -p airlockd` or set AIRLOCKD_BIN")
 }
 
+/// The `airlock` command under test: $AIRLOCK_CLI_BIN, else the workspace's release build.
+pub fn airlock_cli_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("AIRLOCK_CLI_BIN") {
+        return p.into();
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    for profile in ["release", "debug"] {
+        let p = root.join("target").join(profile).join("airlock");
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("airlock not built: run `cargo build --release -p airlock-cli` or set AIRLOCK_CLI_BIN")
+}
+
 /// Where the Python runtime is installed.
 pub fn python_prefix() -> String {
     std::env::var("AIRLOCK_PYTHON_PREFIX").unwrap_or_else(|_| "/opt/airlock/runtimes/python".into())
@@ -235,7 +251,7 @@ impl Daemon {
             &config,
             format!(
                 "socket_path = \"{}\"\nallowed_peer_uids = [{}]\nstate_dir = \"{}\"\n\
-                 [workers]\nfirst_uid = {}\ncount = {}\ngid = {}\n\
+                 [workers]\nfirst_uid = {}\ncount = {}\ngid = {}\nqueue_timeout_seconds = {}\n\
                  [limits]\nwall_clock_seconds = {}\ncpu_seconds = {}\nmemory_mib = {}\npids = {}\nsession_size_mib = 64\ntmp_size_mib = 64\n\
                  [runtimes.python]\nprefix = \"{}\"\n",
                 socket.display(),
@@ -244,6 +260,7 @@ impl Daemon {
                 settings.first_uid,
                 settings.count,
                 settings.first_uid,
+                settings.queue_timeout_seconds,
                 settings.wall_clock_seconds,
                 settings.cpu_seconds,
                 settings.memory_mib,
@@ -287,6 +304,11 @@ impl Daemon {
 
     pub fn sessions_dir(&self) -> PathBuf {
         self.state_dir.join("sessions")
+    }
+
+    /// The audit log (the config leaves `audit_log` at its default).
+    pub fn audit_log(&self) -> PathBuf {
+        self.state_dir.join("audit.jsonl")
     }
 
     pub fn pid(&self) -> u32 {

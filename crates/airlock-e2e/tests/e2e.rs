@@ -8,7 +8,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use airlock_e2e::{eventually, postgres_user, Cluster, Daemon, DaemonSettings};
+use airlock_e2e::{airlock_cli_bin, eventually, postgres_user, Cluster, Daemon, DaemonSettings};
+use airlock_protocol::audit::{AuditOutcome, Record as AuditRecord};
 use libtest_mimic::{Arguments, Failed, Trial};
 use postgres::{error::SqlState, Client, Row};
 
@@ -146,6 +147,12 @@ fn setup_roles(cluster: &Cluster) {
          CREATE POLICY mine ON owned_rows USING (owner = current_user);
          GRANT SELECT ON owned_rows TO analyst;
          CREATE DOMAIN posint AS int4 CHECK (VALUE > 0);
+         CREATE FUNCTION analysts_rows() RETURNS SETOF int LANGUAGE sql SECURITY DEFINER AS $f$
+             SELECT v FROM airlock.execute_external_script('python', 'OutputDataSet = InputDataSet',
+                 'SELECT v FROM owned_rows ORDER BY v') AS r(v int) $f$;
+         ALTER FUNCTION analysts_rows() OWNER TO analyst;
+         REVOKE ALL ON FUNCTION analysts_rows() FROM PUBLIC;
+         GRANT EXECUTE ON FUNCTION analysts_rows() TO outsider;
          CREATE DOMAIN required_text AS text NOT NULL;",
     )
     .expect("setting up roles and tables");
@@ -300,6 +307,178 @@ fn permission_denied_without_role() -> TestResult {
     expect_code(&e, &SqlState::INSUFFICIENT_PRIVILEGE)?;
     expect_contains(e.message(), "outsider")?;
     expect_contains(e.hint().unwrap_or(""), "GRANT airlock_script_executor")
+}
+
+fn security_definer_runs_as_its_owner() -> TestResult {
+    // outsider may not run scripts, but may call a SECURITY DEFINER function of
+    // analyst's: the call runs as analyst, and its input query sees analyst's rows.
+    let (mut c, _) = env().cluster.connect("outsider");
+    let rows = c.query("SELECT * FROM analysts_rows()", &[])?;
+    let v: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
+    ensure(v == [1, 2], format!("got {v:?}"))
+}
+
+fn language_grant_alone_allows_that_language() -> TestResult {
+    let (mut su, _) = env().cluster.connect("postgres");
+    su.batch_execute(
+        "CREATE ROLE python_only LOGIN; GRANT airlock_python_executor TO python_only;",
+    )?;
+    let (mut c, _) = env().cluster.connect("python_only");
+    let rows = py(
+        &mut c,
+        "import pandas as pd\nOutputDataSet = pd.DataFrame({'a': [1]})",
+        None,
+        "a int",
+    )?;
+    ensure(rows.len() == 1, "python_only runs Python")?;
+    su.batch_execute("REVOKE airlock_python_executor FROM python_only")?;
+    let (mut c, _) = env().cluster.connect("python_only");
+    let e = expect_err(py(&mut c, "x = 1", None, "a int"))?;
+    expect_code(&e, &SqlState::INSUFFICIENT_PRIVILEGE)?;
+    expect_contains(e.message(), "permission denied to run python scripts")?;
+    expect_contains(e.hint().unwrap_or(""), "GRANT airlock_python_executor")
+}
+
+/// A script reporting its worker uid and when it ran, after `sleep` seconds.
+fn uid_and_times(sleep: f64) -> String {
+    format!(
+        "import os, time, pandas as pd\nt0 = time.time()\ntime.sleep({sleep})\n\
+         OutputDataSet = pd.DataFrame({{'uid': [os.getuid()], 't0': [t0], 't1': [time.time()]}})"
+    )
+}
+
+fn worker_pool_maps_callers_onto_workers() -> TestResult {
+    // A daemon and cluster of their own: these calls fill the whole pool.
+    let daemon = Daemon::start(DaemonSettings {
+        first_uid: 63000,
+        count: 20,
+        wall_clock_seconds: 60.0,
+        cpu_seconds: 60,
+        memory_mib: 256,
+        pids: 64,
+        queue_timeout_seconds: 30.0,
+    });
+    let cluster = Cluster::start(&daemon.socket, true);
+    let result = (|| -> TestResult {
+        let (mut su, _) = cluster.connect("postgres");
+        for i in 0..21 {
+            su.batch_execute(&format!(
+                "CREATE ROLE r{i} LOGIN; GRANT airlock_python_executor TO r{i};"
+            ))?;
+        }
+        // 21 callers at once, 20 workers: everyone runs, the 21st after waiting.
+        let mut handles = Vec::new();
+        for i in 0..21 {
+            let mut c = cluster.connect(&format!("r{i}")).0;
+            handles.push(thread::spawn(move || {
+                py(
+                    &mut c,
+                    &uid_and_times(2.0),
+                    None,
+                    "uid int8, t0 float8, t1 float8",
+                )
+                .map(|rows| {
+                    (
+                        i,
+                        rows[0].get::<_, i64>(0),
+                        rows[0].get::<_, f64>(1),
+                        rows[0].get::<_, f64>(2),
+                    )
+                })
+            }));
+        }
+        let mut runs = Vec::new();
+        for h in handles {
+            runs.push(h.join().map_err(|_| "a caller thread panicked")??);
+        }
+        let uids: std::collections::BTreeSet<i64> = runs.iter().map(|r| r.1).collect();
+        ensure(
+            uids.len() == 20,
+            format!("21 callers used {} workers", uids.len()),
+        )?;
+        // Different callers never share a worker at the same time.
+        for a in &runs {
+            for b in &runs {
+                let overlap = a.2 < b.3 && b.2 < a.3;
+                ensure(
+                    a.0 == b.0 || !overlap || a.1 != b.1,
+                    format!("r{} and r{} ran at the same time as uid {}", a.0, b.0, a.1),
+                )?;
+            }
+        }
+        // One caller's concurrent calls share its worker.
+        let mut handles = Vec::new();
+        for _ in 0..2 {
+            let mut c = cluster.connect("r0").0;
+            handles.push(thread::spawn(move || {
+                py(
+                    &mut c,
+                    &uid_and_times(1.0),
+                    None,
+                    "uid int8, t0 float8, t1 float8",
+                )
+                .map(|rows| rows[0].get::<_, i64>(0))
+            }));
+        }
+        let mine: Vec<i64> = handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| Failed::from("thread panicked"))?
+                    .map_err(Failed::from)
+            })
+            .collect::<Result<_, _>>()?;
+        ensure(
+            mine[0] == mine[1],
+            format!("r0's concurrent calls ran as {mine:?}"),
+        )
+    })();
+    cluster.stop();
+    daemon.stop();
+    result
+}
+
+fn busy_pool_fails_after_the_queue_timeout() -> TestResult {
+    let daemon = Daemon::start(DaemonSettings {
+        first_uid: 63100,
+        count: 1,
+        wall_clock_seconds: 60.0,
+        cpu_seconds: 60,
+        memory_mib: 256,
+        pids: 64,
+        queue_timeout_seconds: 1.0,
+    });
+    let cluster = Cluster::start(&daemon.socket, true);
+    let result = (|| -> TestResult {
+        let (mut su, _) = cluster.connect("postgres");
+        su.batch_execute("CREATE ROLE holder LOGIN; GRANT airlock_script_executor TO holder; CREATE ROLE waiter LOGIN; GRANT airlock_script_executor TO waiter;")?;
+        let mut h = cluster.connect("holder").0;
+        let holder = thread::spawn(move || {
+            py(
+                &mut h,
+                &uid_and_times(3.0),
+                None,
+                "uid int8, t0 float8, t1 float8",
+            )
+            .map(|_| ())
+        });
+        thread::sleep(Duration::from_millis(800));
+        let mut w = cluster.connect("waiter").0;
+        let started = Instant::now();
+        let e = expect_err(py(&mut w, "x = 1", None, "a int"))?;
+        let waited = started.elapsed();
+        holder.join().map_err(|_| "holder panicked")??;
+        expect_code(&e, &SqlState::CONFIGURATION_LIMIT_EXCEEDED)?;
+        expect_contains(e.message(), "all 1 worker identities are busy")?;
+        expect_contains(e.message(), "workers.count")?;
+        ensure(
+            waited >= Duration::from_millis(900) && waited < Duration::from_secs(3),
+            format!("waited {waited:?} for a 1 s queue timeout"),
+        )
+    })();
+    cluster.stop();
+    daemon.stop();
+    result
 }
 
 fn superuser_needs_no_grant() -> TestResult {
@@ -1131,6 +1310,187 @@ fn switch_off_is_an_error_with_the_fix() -> TestResult {
     result
 }
 
+// ---------------------------------------------------------------------------- audit
+
+/// The daemon's audit records of `script`, once `n` of them are written.
+fn audit_records(script_sha256: &str, n: usize) -> Result<Vec<(usize, AuditRecord)>, Failed> {
+    let path = env().daemon.audit_log();
+    let mut found = Vec::new();
+    let complete = eventually(Duration::from_secs(15), || {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        found = text
+            .lines()
+            .enumerate()
+            .filter_map(|(i, l)| serde_json::from_str::<AuditRecord>(l).ok().map(|r| (i, r)))
+            .filter(|(_, r)| r.script_sha256 == script_sha256)
+            .collect();
+        found.len() >= n
+    });
+    ensure(
+        complete,
+        format!(
+            "{} audit record(s) of script {script_sha256} after 15 s, expected {n}",
+            found.len()
+        ),
+    )?;
+    Ok(found)
+}
+
+/// Hex SHA-256 of a script, as the extension computes it.
+fn script_sha256(c: &mut Client, script: &str) -> Result<String, PgErr> {
+    Ok(c.query_one(
+        "SELECT encode(sha256(convert_to($1, 'UTF8')), 'hex')",
+        &[&script],
+    )?
+    .get(0))
+}
+
+/// Runs `airlock audit verify FILE`: (exit code, stdout).
+fn audit_verify(file: &std::path::Path) -> Result<(i32, String), Failed> {
+    let out = std::process::Command::new(airlock_cli_bin())
+        .args(["audit", "verify"])
+        .arg(file)
+        .output()
+        .map_err(|e| format!("running airlock audit verify: {e}"))?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    ))
+}
+
+fn audit_log_records_each_call_and_verify_finds_an_edit() -> TestResult {
+    let (mut c, _) = env().cluster.connect("analyst");
+    let pid: i32 = c.query_one("SELECT pg_backend_pid()", &[])?.get(0);
+    // Unique scripts: the shared daemon's log also holds every other case's calls.
+    let nonce = format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default()
+    );
+    let ok = format!("# audit ok {nonce}\nOutputDataSet = InputDataSet.head(2)");
+    let failing = format!("# audit error {nonce}\nraise ValueError('no')");
+    let slow = format!("# audit timeout {nonce}\nimport time\ntime.sleep(600)");
+    let rows = py(
+        &mut c,
+        &ok,
+        Some("SELECT id FROM measurements WHERE id < 100"),
+        "id int8",
+    )?;
+    ensure(rows.len() == 2, format!("2 rows, got {}", rows.len()))?;
+    expect_err(py(&mut c, &failing, None, "a int"))?;
+    let e = expect_err(py(&mut c, &slow, None, "a int"))?;
+    expect_code(&e, &SqlState::PROGRAM_LIMIT_EXCEEDED)?;
+
+    let ok_sha = script_sha256(&mut c, &ok)?;
+    let (ok_line, ok_rec) = audit_records(&ok_sha, 1)?.remove(0);
+    ensure(ok_rec.role == "analyst", format!("role {:?}", ok_rec.role))?;
+    ensure(
+        ok_rec.database == "postgres",
+        format!("database {:?}", ok_rec.database),
+    )?;
+    ensure(
+        ok_rec.language == "python",
+        format!("language {:?}", ok_rec.language),
+    )?;
+    ensure(
+        ok_rec.backend_pid == pid,
+        format!("backend_pid {} != {pid}", ok_rec.backend_pid),
+    )?;
+    ensure(
+        (FIRST_UID..FIRST_UID + WORKERS).contains(&ok_rec.worker_uid),
+        format!("worker_uid {}", ok_rec.worker_uid),
+    )?;
+    ensure(!ok_rec.session_id.is_nil(), "a session id")?;
+    ensure(
+        ok_rec.rows_in == Some(3) && ok_rec.rows_out == Some(2),
+        format!(
+            "rows in/out {:?}/{:?}, expected 3/2",
+            ok_rec.rows_in, ok_rec.rows_out
+        ),
+    )?;
+    ensure(
+        ok_rec.outcome == AuditOutcome::Ok,
+        format!("outcome {:?}", ok_rec.outcome),
+    )?;
+    ensure(
+        ok_rec.cpu_ms.is_some() && ok_rec.peak_memory_bytes.is_some_and(|b| b > 0),
+        format!(
+            "cgroup stats {:?} {:?}",
+            ok_rec.cpu_ms, ok_rec.peak_memory_bytes
+        ),
+    )?;
+    ensure(
+        ok_rec.time.ends_with('Z') && ok_rec.time.len() == "2025-01-01T00:00:00.000Z".len(),
+        format!("time {:?}", ok_rec.time),
+    )?;
+
+    let (_, err_rec) = audit_records(&script_sha256(&mut c, &failing)?, 1)?.remove(0);
+    ensure(
+        err_rec.outcome == AuditOutcome::ScriptError,
+        format!("outcome {:?}", err_rec.outcome),
+    )?;
+    ensure(
+        err_rec.rows_in == Some(0) && err_rec.rows_out == Some(0),
+        format!("rows {:?}/{:?}", err_rec.rows_in, err_rec.rows_out),
+    )?;
+    let (_, slow_rec) = audit_records(&script_sha256(&mut c, &slow)?, 1)?.remove(0);
+    ensure(
+        slow_rec.outcome == AuditOutcome::Timeout,
+        format!("outcome {:?}", slow_rec.outcome),
+    )?;
+    ensure(
+        slow_rec.rows_out.is_none() && slow_rec.wall_ms >= WALL_LIMIT as u64 * 1000,
+        format!(
+            "rows_out {:?}, wall_ms {}",
+            slow_rec.rows_out, slow_rec.wall_ms
+        ),
+    )?;
+
+    let log = env().daemon.audit_log();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&log)?.permissions().mode() & 0o777;
+    ensure(mode == 0o600, format!("audit log mode {mode:o}"))?;
+    let (code, out) = audit_verify(&log)?;
+    ensure(
+        code == 0 && out.starts_with("audit log OK: "),
+        format!("verify exited {code}: {out}"),
+    )?;
+
+    // An edit of the ok call's rows_out is found and named. Records written later (ours
+    // at least) follow it, so its changed hash breaks a link.
+    let copy = env().daemon.dir.path().join("audit-edited.jsonl");
+    let text = std::fs::read_to_string(&log)?;
+    let edited: Vec<String> = text
+        .lines()
+        .enumerate()
+        .map(|(i, l)| {
+            if i == ok_line {
+                l.replace("\"rows_out\":2", "\"rows_out\":20")
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect();
+    ensure(
+        edited[ok_line] != text.lines().nth(ok_line).unwrap_or(""),
+        "the edit took",
+    )?;
+    std::fs::write(&copy, edited.join("\n") + "\n")?;
+    let (code, out) = audit_verify(&copy)?;
+    let k = ok_line + 1;
+    ensure(
+        code == 1,
+        format!("verify of the edited copy exited {code}: {out}"),
+    )?;
+    expect_contains(
+        &out,
+        &format!("audit log BROKEN at record {k} (line {k}): record {k} was modified"),
+    )
+}
+
 fn main() {
     let args = Arguments::from_args();
     let daemon = Daemon::start(DaemonSettings {
@@ -1140,6 +1500,7 @@ fn main() {
         cpu_seconds: CPU_LIMIT,
         memory_mib: MEMORY_LIMIT,
         pids: PIDS_LIMIT,
+        queue_timeout_seconds: 30.0,
     });
     let cluster = Cluster::start(&daemon.socket, true);
     setup_roles(&cluster);
@@ -1162,6 +1523,10 @@ fn main() {
         many_batches,
         permission_denied_without_role,
         superuser_needs_no_grant,
+        security_definer_runs_as_its_owner,
+        language_grant_alone_allows_that_language,
+        worker_pool_maps_callers_onto_workers,
+        busy_pool_fails_after_the_queue_timeout,
         input_query_runs_as_caller,
         row_level_security_applies,
         python_exception_is_an_error_with_traceback,
@@ -1196,6 +1561,7 @@ fn main() {
         socket_path_is_superuser_only,
         daemon_refuses_other_peers,
         switch_off_is_an_error_with_the_fix,
+        audit_log_records_each_call_and_verify_finds_an_edit,
     ];
     let mut trials = trials;
     let env = env();

@@ -81,19 +81,27 @@ fn current_database_name() -> String {
     }
 }
 
-/// Superusers may always run scripts; anyone else needs the privileges of
-/// airlock_script_executor. The effective role is checked, so SECURITY DEFINER wrappers
-/// behave as everywhere else in Postgres.
-fn check_permission() -> Result<(), CallError> {
+/// Superusers may always run scripts. Anyone else needs the privileges of
+/// airlock_script_executor (every language, SQL Server's EXECUTE ANY EXTERNAL SCRIPT) or
+/// of the language's own role, e.g. airlock_python_executor (SQL Server 2019's EXECUTE
+/// EXTERNAL SCRIPT ON EXTERNAL LANGUAGE). The effective role is checked, so SECURITY
+/// DEFINER wrappers behave as everywhere else in Postgres.
+fn check_permission(language: Language) -> Result<(), CallError> {
+    let language_role = CString::new(language_role(language))
+        .expect("role names are static identifiers without NUL");
     // SAFETY: plain catalog lookups on the current user; missing_ok = true returns
-    // InvalidOid if the role was dropped instead of raising.
+    // InvalidOid if a role was dropped instead of raising.
     let allowed = unsafe {
         let user = pg_sys::GetUserId();
         if pg_sys::superuser_arg(user) {
             true
         } else {
-            let role = pg_sys::get_role_oid(EXECUTOR_ROLE.as_ptr(), true);
-            role != pg_sys::Oid::INVALID && pg_sys::has_privs_of_role(user, role)
+            [EXECUTOR_ROLE, language_role.as_c_str()]
+                .iter()
+                .any(|name| {
+                    let role = pg_sys::get_role_oid(name.as_ptr(), true);
+                    role != pg_sys::Oid::INVALID && pg_sys::has_privs_of_role(user, role)
+                })
         }
     };
     if allowed {
@@ -101,8 +109,14 @@ fn check_permission() -> Result<(), CallError> {
     } else {
         Err(CallError::PermissionDenied {
             role: current_role_name(),
+            language,
         })
     }
+}
+
+/// The role whose members may run scripts in `language`.
+pub fn language_role(language: Language) -> String {
+    format!("airlock_{}_executor", language.as_str())
 }
 
 fn check_encoding() -> Result<(), CallError> {
@@ -309,7 +323,10 @@ fn start_session(language: Language, script: &str) -> Result<Session, CallError>
         script_sha256,
     };
     control.send(&encode(&execute)?, Some(deadline))?;
-    match recv_reply(&mut control, Some(deadline))? {
+    // No deadline here: the daemon may queue the call for a free worker
+    // (workers.queue_timeout_seconds) and answers Refused when that runs out; a cancel
+    // or statement_timeout still interrupts the wait.
+    match recv_reply(&mut control, None)? {
         Reply::Started { .. } => {
             let fd = control.take_fd().ok_or_else(|| CallError::Protocol {
                 peer: Peer::Daemon,
@@ -353,6 +370,14 @@ fn ended(control: &mut Channel) -> Result<Outcome, CallError> {
     match recv_reply(control, Some(Instant::now() + ENDED_WAIT))? {
         Reply::Ended { outcome } => Ok(outcome),
         other => Err(unexpected(Peer::Daemon, &other)),
+    }
+}
+
+/// Tells the daemon the row counts for its audit record. Best effort: the daemon may
+/// already have closed the connection, and the call's result does not depend on it.
+fn report(control: &mut Channel, rows_in: u64, rows_out: u64) {
+    if let Ok(msg) = encode(&Request::Report { rows_in, rows_out }) {
+        let _ = control.send(&msg, Some(Instant::now() + ENDED_WAIT));
     }
 }
 
@@ -440,11 +465,11 @@ unsafe fn run(fcinfo: pg_sys::FunctionCallInfo, args: CallArgs<'_>) -> Result<()
     if !gucs::ENABLED.get() {
         return Err(CallError::Disabled);
     }
-    check_permission()?;
     let language_name = args.language.unwrap_or("");
     let language = Language::parse(language_name).ok_or_else(|| CallError::UnknownLanguage {
         language: language_name.to_owned(),
     })?;
+    check_permission(language)?;
     check_encoding()?;
     let script = args.script.unwrap_or("");
     let input_name = args.input_name.unwrap_or("InputDataSet");
@@ -493,18 +518,20 @@ unsafe fn run(fcinfo: pg_sys::FunctionCallInfo, args: CallArgs<'_>) -> Result<()
         output_batch_rows: batch_rows as u64,
         max_frame_bytes: crate::channel::RUNTIME_MAX_FRAME as u64,
     };
-    let sent = (|| -> Result<(), CallError> {
+    let sent = (|| -> Result<u64, CallError> {
         data.send(&encode(&start)?, None)?;
-        if let Some(inp) = input.as_mut() {
-            inp.stream(&mut data, batch_rows)?;
-        }
-        data.send(&encode(&ToRuntime::InputEnd)?, None)
+        let rows_in = match input.as_mut() {
+            Some(inp) => inp.stream(&mut data, batch_rows)?,
+            None => 0,
+        };
+        data.send(&encode(&ToRuntime::InputEnd)?, None)?;
+        Ok(rows_in)
     })();
-    match sent {
-        Ok(()) => {}
+    let rows_in = match sent {
+        Ok(rows_in) => rows_in,
         Err(CallError::PeerGone { .. }) => return Err(failure_after_send(&mut data, &mut control)),
         Err(e) => return Err(e),
-    }
+    };
     if let Some(inp) = input.take() {
         inp.close();
     }
@@ -568,6 +595,7 @@ unsafe fn run(fcinfo: pg_sys::FunctionCallInfo, args: CallArgs<'_>) -> Result<()
                         traceback,
                     } => {
                         printer.finish();
+                        report(&mut control, rows_in, 0);
                         // Let the daemon see the runtime exit before we fail the call.
                         let _ = ended(&mut control);
                         return Err(CallError::Script {
@@ -583,6 +611,7 @@ unsafe fn run(fcinfo: pg_sys::FunctionCallInfo, args: CallArgs<'_>) -> Result<()
         }
     }
     printer.finish();
+    report(&mut control, rows_in, rows_out);
 
     // 7. The daemon confirms the sandbox is gone.
     match ended(&mut control)? {

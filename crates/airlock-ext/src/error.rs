@@ -13,9 +13,10 @@ use crate::channel::Peer;
 pub enum CallError {
     /// The server switch is off.
     Disabled,
-    /// The caller lacks airlock_script_executor.
+    /// The caller lacks airlock_script_executor and the language's role.
     PermissionDenied {
         role: String,
+        language: airlock_protocol::control::Language,
     },
     UnknownLanguage {
         language: String,
@@ -147,11 +148,14 @@ impl CallError {
                 Some("airlock.enabled is off.".into()),
                 Some("A superuser can enable them with: ALTER SYSTEM SET airlock.enabled = on; SELECT pg_reload_conf();".into()),
             ),
-            CallError::PermissionDenied { role } => (
+            CallError::PermissionDenied { role, language } => (
                 ERRCODE_INSUFFICIENT_PRIVILEGE,
-                format!("permission denied to run external scripts as role \"{role}\""),
+                format!("permission denied to run {language} scripts as role \"{role}\""),
                 None,
-                Some("Running scripts needs membership in airlock_script_executor: GRANT airlock_script_executor TO <role>;".into()),
+                Some(format!(
+                    "GRANT {} TO \"{role}\"; allows {language} scripts, GRANT airlock_script_executor TO \"{role}\"; allows every language.",
+                    crate::call::language_role(language)
+                )),
             ),
             CallError::UnknownLanguage { language } => (
                 ERRCODE_INVALID_PARAMETER_VALUE,

@@ -25,8 +25,15 @@ BEGIN
     IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'airlock_script_executor') THEN
         CREATE ROLE airlock_script_executor NOLOGIN;
     END IF;
+    -- The right to run scripts in one language only (SQL Server 2019's EXECUTE EXTERNAL
+    -- SCRIPT ON EXTERNAL LANGUAGE).
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'airlock_python_executor') THEN
+        CREATE ROLE airlock_python_executor NOLOGIN;
+    END IF;
 END
 $$;
+COMMENT ON ROLE airlock_script_executor IS 'May run airlock external scripts in every language';
+COMMENT ON ROLE airlock_python_executor IS 'May run airlock external scripts in Python';
 COMMENT ON SCHEMA airlock IS 'Airlock: sandboxed scripts next to your data';
 -- Anyone may see the functions; who may run scripts is checked inside them.
 GRANT USAGE ON SCHEMA airlock TO PUBLIC;

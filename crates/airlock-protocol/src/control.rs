@@ -8,10 +8,13 @@
 //!                             ◄───────  Started{session_id, worker_uid} + SCM_RIGHTS(data fd)
 //!                                       | Refused
 //!   ... backend and runtime talk over the data fd ...
+//!   Report{rows_in, rows_out} ───────►   (after the runtime's done or script_error)
 //!                             ◄───────  Ended{outcome}       (when the sandbox is gone)
 //! ```
 //! Closing the control connection before `Ended` means "cancel": the daemon kills the
-//! call's sandbox.
+//! call's sandbox. `Report` and `Ended` may cross: the backend sends its report without
+//! waiting, and the daemon waits a while for it after `Ended` to complete its audit
+//! record. Anything else the backend sends after `Execute` counts as hanging up.
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -71,6 +74,9 @@ pub enum Request {
         /// Hex SHA-256 of the script text, for the daemon's records.
         script_sha256: String,
     },
+    /// What the backend counted, for the daemon's audit record: rows sent to the script,
+    /// and rows of its output accepted (0 after a script error).
+    Report { rows_in: u64, rows_out: u64 },
 }
 
 /// Why the daemon refused a request.
@@ -159,6 +165,14 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&e).unwrap(),
             r#"{"type":"ended","outcome":{"kind":"timed_out","limit_ms":5}}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Request::Report {
+                rows_in: 3,
+                rows_out: 2
+            })
+            .unwrap(),
+            r#"{"type":"report","rows_in":3,"rows_out":2}"#
         );
     }
 

@@ -8,6 +8,9 @@
 //!   daemon creates and hands to both ends with `SCM_RIGHTS` ([`data`]).
 //! * **spawner**: the daemon and its single-threaded sandbox spawner ([`spawner`]).
 //!
+//! It also holds the format of the daemon's audit log and its hash chain ([`audit`]),
+//! which the daemon writes and `airlock audit verify` checks.
+//!
 //! A frame is `u32` little-endian length `n`, then `n` bytes: one kind byte and the
 //! payload. [`FrameKind::Control`] payloads are one JSON-encoded message; a
 //! [`FrameKind::Arrow`] payload is one complete Arrow IPC stream (schema, one record
@@ -15,6 +18,7 @@
 //! no policy on timeouts or blocking.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod control;
 pub mod data;
 pub mod frame;

@@ -42,6 +42,9 @@ pub struct Config {
     pub allowed_peer_uids: Vec<u32>,
     /// Root of the daemon's state: session folders and the sandbox root mount point.
     pub state_dir: PathBuf,
+    /// The audit log (JSON lines, hash-chained); `<state_dir>/audit.jsonl` if unset.
+    #[serde(default)]
+    pub audit_log: Option<PathBuf>,
     pub workers: Workers,
     #[serde(default)]
     pub limits: Limits,
@@ -62,6 +65,13 @@ pub struct Workers {
     pub count: u32,
     /// Group of every worker.
     pub gid: u32,
+    /// How long a call waits for a worker when every one is held by other callers.
+    #[serde(default = "default_queue_timeout")]
+    pub queue_timeout_seconds: f64,
+}
+
+fn default_queue_timeout() -> f64 {
+    30.0
 }
 
 /// Per-call limits.
@@ -163,6 +173,9 @@ impl Config {
         if !self.state_dir.is_absolute() {
             return Err(invalid("state_dir", "must be an absolute path".into()));
         }
+        if self.audit_log.as_ref().is_some_and(|p| !p.is_absolute()) {
+            return Err(invalid("audit_log", "must be an absolute path".into()));
+        }
         if self.allowed_peer_uids.is_empty() {
             return Err(invalid(
                 "allowed_peer_uids",
@@ -211,6 +224,12 @@ impl Config {
                 format!("range {}..={last} contains uid {uid}, the account {user:?}; pick uids no account uses", w.first_uid),
             ));
         }
+        if !(0.0..=3600.0).contains(&w.queue_timeout_seconds) {
+            return Err(invalid(
+                "workers.queue_timeout_seconds",
+                "must be between 0 and 3600".into(),
+            ));
+        }
         if w.gid < 1000 {
             return Err(invalid(
                 "workers.gid",
@@ -239,7 +258,10 @@ impl Config {
             return Err(invalid("limits.cpu_seconds", "must be at least 1".into()));
         }
         if self.limits.session_size_mib == 0 {
-            return Err(invalid("limits.session_size_mib", "must be at least 1".into()));
+            return Err(invalid(
+                "limits.session_size_mib",
+                "must be at least 1".into(),
+            ));
         }
         if self.limits.tmp_size_mib == 0 {
             return Err(invalid("limits.tmp_size_mib", "must be at least 1".into()));
@@ -253,6 +275,13 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Where the audit log is written.
+    pub fn audit_log_path(&self) -> PathBuf {
+        self.audit_log
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("audit.jsonl"))
     }
 
     /// Last worker uid, inclusive.
@@ -312,6 +341,26 @@ mod tests {
                 .contains("`limits.wall_clock_seconds`")
         );
         assert!(err(&GOOD.replace("\"/var/lib/airlock\"", "\"rel\"")).contains("`state_dir`"));
+    }
+
+    #[test]
+    fn audit_log_defaults_to_the_state_dir() {
+        let c = Config::parse(Path::new("t.toml"), GOOD).unwrap();
+        assert_eq!(
+            c.audit_log_path(),
+            Path::new("/var/lib/airlock/audit.jsonl")
+        );
+        let c = Config::parse(
+            Path::new("t.toml"),
+            &GOOD.replace(
+                "state_dir",
+                "audit_log = \"/var/log/airlock.jsonl\"\nstate_dir",
+            ),
+        )
+        .unwrap();
+        assert_eq!(c.audit_log_path(), Path::new("/var/log/airlock.jsonl"));
+        let e = err(&GOOD.replace("state_dir", "audit_log = \"audit.jsonl\"\nstate_dir"));
+        assert!(e.contains("`audit_log`"), "{e}");
     }
 
     #[test]

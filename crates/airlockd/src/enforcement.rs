@@ -11,8 +11,16 @@ use airlock_sandbox::{
 
 use crate::config::{Config, Layer};
 
-/// The daemon's parent cgroup under which every call's group is created.
-pub const CGROUP_NAME: &str = "airlock";
+/// The daemon's parent cgroup, under which every call's group is created: named after the
+/// daemon's state directory, so two daemons on one host (a production one and a test
+/// one, say) never sweep each other's calls, and a restarted daemon finds its own
+/// leftovers.
+pub fn cgroup_name(config: &Config) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(config.state_dir.as_os_str().as_encoded_bytes());
+    let hex: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
+    format!("airlock-{hex}")
+}
 
 /// One line of the report.
 #[derive(Debug, Clone)]
@@ -131,11 +139,13 @@ fn serde_name(l: Layer) -> &'static str {
 
 /// Creates the daemon's parent cgroup and sweeps call groups a crashed daemon left;
 /// None when cgroups are missing and waived.
-pub fn cgroups(lines: &[Line]) -> Result<Option<CgroupRoot>, EnforcementError> {
+pub fn cgroups(config: &Config, lines: &[Line]) -> Result<Option<CgroupRoot>, EnforcementError> {
     if lines.iter().any(|l| l.layer == "cgroups" && !l.enforced) {
         return Ok(None);
     }
-    let root = CgroupRoot::detect(CGROUP_NAME)?;
+    let name = cgroup_name(config);
+    let root = CgroupRoot::detect(&name)?;
+    tracing::info!(cgroup = %name, version = %root.version(), "per-call cgroups");
     for name in root.sweep()? {
         tracing::warn!(cgroup = %name, "removed a call cgroup left by an earlier run");
     }
@@ -198,6 +208,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("cannot run without it"), "{e}");
+    }
+
+    #[test]
+    fn each_state_directory_has_its_own_cgroup() {
+        let a = Config::parse(Path::new("t.toml"), CONFIG).unwrap();
+        let b = Config::parse(
+            Path::new("t.toml"),
+            &CONFIG.replace("/var/lib/airlock", "/var/lib/airlock-test"),
+        )
+        .unwrap();
+        assert_eq!(cgroup_name(&a), cgroup_name(&a.clone()));
+        assert_ne!(cgroup_name(&a), cgroup_name(&b));
+        assert!(cgroup_name(&a).starts_with("airlock-"));
     }
 
     #[test]

@@ -4,11 +4,14 @@
 //! server's uid may use (SO_PEERCRED, no passwords), allocates a worker identity and a
 //! session folder per call, asks its single-threaded spawner helper for a sandbox, hands
 //! the backend its end of the data socket, and kills the sandbox on timeout or when the
-//! backend hangs up. It never decides who may run what: the extension did that.
+//! backend hangs up; it writes one hash-chained audit record per call ([`audit`]). It
+//! never decides who may run what: the extension did that.
 #![deny(unsafe_code)]
 
+pub mod audit;
 pub mod config;
 pub mod enforcement;
+pub mod pool;
 pub mod runtime;
 pub mod server;
 pub mod session;

@@ -6,7 +6,7 @@ use std::{os::unix::fs::PermissionsExt, path::PathBuf, sync::Arc};
 use anyhow::{bail, Context};
 use clap::Parser;
 
-use airlockd::{config::Config, enforcement, server, session, spawner};
+use airlockd::{audit, config::Config, enforcement, server, session, spawner};
 
 /// Airlock's launcher daemon.
 #[derive(Parser)]
@@ -54,13 +54,16 @@ fn main() -> anyhow::Result<()> {
     for line in enforcement::require(&config, &lines)? {
         tracing::warn!(layer = %line.layer, detail = %line.detail, "isolation layer WAIVED by the config: sandboxes run without it");
     }
-    let cgroups = enforcement::cgroups(&lines)?;
+    let cgroups = enforcement::cgroups(&config, &lines)?;
     session::prepare_state_dir(&config)
         .with_context(|| format!("preparing state directory {}", config.state_dir.display()))?;
+    // Opened before anything runs: a daemon that cannot keep its audit log does not start.
+    let audit_file = audit::AuditFile::open(&config.audit_log_path())?;
 
     // Before any thread exists: start the helper that builds sandboxes.
     let exe = std::env::current_exe().context("locating our own executable")?;
     let helper = spawner::launch(&exe)?;
+    let (audit_log, audit_writer) = audit_file.start()?;
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -72,7 +75,12 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(1);
         })?;
         let listener = bind(&config.socket_path)?;
-        let daemon = Arc::new(server::Daemon::new(config.clone(), handle, cgroups));
+        let daemon = Arc::new(server::Daemon::new(
+            config.clone(),
+            handle,
+            cgroups,
+            audit_log,
+        ));
         tracing::info!(socket = %config.socket_path.display(), "airlockd listening");
         let shutdown = async {
             let mut term =
@@ -87,6 +95,10 @@ fn main() -> anyhow::Result<()> {
         let _ = std::fs::remove_file(&config.socket_path);
         anyhow::Ok(())
     })?;
+    // Dropping the event loop drops every call still running, and with them the last
+    // handles on the audit log; then the writer has written everything queued.
+    drop(rt);
+    audit_writer.finish();
     Ok(())
 }
 

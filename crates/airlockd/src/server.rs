@@ -4,18 +4,18 @@
 //! in-process on a private socket.
 
 use std::{
-    collections::BTreeSet,
     future::Future,
     io,
     os::fd::{AsFd, AsRawFd, OwnedFd},
     path::PathBuf,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
+        Arc,
     },
     time::Duration,
 };
 
+use crate::pool::{CallerKey, Lease, WorkerPool};
 use airlock_protocol::{
     control::{Language, Outcome, RefusalKind, Reply, Request},
     encode_control,
@@ -32,6 +32,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::{
+    audit::{AuditLog, CallRecord},
     config::Config,
     runtime::{self, CallSpec},
     session::SessionDir,
@@ -46,46 +47,28 @@ pub struct Daemon {
     /// Where per-call cgroups are made; None only when the operator waived cgroups and
     /// this host has none.
     pub cgroups: Option<CgroupRoot>,
-    workers: Mutex<BTreeSet<u32>>,
+    pub pool: WorkerPool,
+    /// Where each call's audit record goes.
+    pub audit: AuditLog,
     next_call: AtomicU64,
 }
 
 impl Daemon {
-    pub fn new(config: Arc<Config>, spawner: SpawnerHandle, cgroups: Option<CgroupRoot>) -> Self {
-        let first = config.workers.first_uid;
-        let free = (first..=config.last_worker_uid()).collect();
+    pub fn new(
+        config: Arc<Config>,
+        spawner: SpawnerHandle,
+        cgroups: Option<CgroupRoot>,
+        audit: AuditLog,
+    ) -> Self {
+        let pool = WorkerPool::new(config.workers.first_uid..=config.last_worker_uid());
         Daemon {
             config,
             spawner,
             cgroups,
-            workers: Mutex::new(free),
+            pool,
+            audit,
             next_call: AtomicU64::new(1),
         }
-    }
-
-    fn acquire_worker(&self) -> Option<WorkerLease<'_>> {
-        // A poisoned lock means a task panicked while holding it; the set itself is
-        // still consistent (insert/remove are atomic), so keep using it.
-        let mut free = self.workers.lock().unwrap_or_else(|e| e.into_inner());
-        let uid = free.pop_first()?;
-        Some(WorkerLease { daemon: self, uid })
-    }
-}
-
-/// A worker uid held for one call; returned to the pool on drop.
-struct WorkerLease<'a> {
-    daemon: &'a Daemon,
-    uid: u32,
-}
-
-impl Drop for WorkerLease<'_> {
-    fn drop(&mut self) {
-        let mut free = self
-            .daemon
-            .workers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        free.insert(self.uid);
     }
 }
 
@@ -125,6 +108,11 @@ pub async fn serve(
 
 /// How often a running call's CPU time is read.
 const CPU_POLL: Duration = Duration::from_millis(200);
+
+/// How long, after the sandbox is gone, to wait for the backend's `Report` (it sends it
+/// once it has read all the output, which may still be in the socket) before writing the
+/// audit record without row counts.
+const REPORT_WAIT: Duration = Duration::from_secs(60);
 
 /// A call's cgroup; on drop its leftover processes are killed and it is removed, off the
 /// event loop (removal waits for the processes to go).
@@ -300,13 +288,18 @@ async fn execute(
             )
             .await;
     };
-    let Some(worker) = daemon.acquire_worker() else {
+    let key = CallerKey {
+        database: caller.database.clone(),
+        role: caller.role.clone(),
+    };
+    let queue = Duration::from_secs_f64(config.workers.queue_timeout_seconds);
+    let Some(worker) = daemon.pool.acquire(&key, queue).await else {
         return conn
             .refuse(
                 RefusalKind::Busy,
                 format!(
-                    "all {} worker identities are busy; raise workers.count in the airlockd config",
-                    config.workers.count
+                    "all {} worker identities are busy with other callers and none freed within {} s; raise workers.count (or workers.queue_timeout_seconds) in the airlockd config",
+                    config.workers.count, config.workers.queue_timeout_seconds
                 ),
             )
             .await;
@@ -335,7 +328,7 @@ async fn run_call(
     daemon: &Daemon,
     language: Language,
     rt: &crate::config::Runtime,
-    worker: WorkerLease<'_>,
+    worker: Lease,
     call_id: u64,
     session_id: Uuid,
     caller: airlock_protocol::control::Caller,
@@ -344,6 +337,16 @@ async fn run_call(
     let config = &daemon.config;
     tracing::info!(%language, database = %caller.database, role = %caller.role,
         backend_pid = caller.backend_pid, script_sha256 = %script_sha256, "call started");
+    // Written when dropped, on every path: a call that returns before its sandbox ran
+    // is recorded as a daemon error.
+    let mut record = CallRecord::begin(
+        &daemon.audit,
+        &caller,
+        worker.uid,
+        session_id,
+        language,
+        &script_sha256,
+    );
 
     // The session folder: created here, removed when `session` drops, whatever happens.
     let session = match SessionDir::create(config, session_id, worker.uid) {
@@ -436,6 +439,7 @@ async fn run_call(
     if let Err(e) = sent {
         daemon.spawner.kill(call_id);
         let _ = exited.await;
+        record.ended(&Outcome::Cancelled, None);
         return Err(e);
     }
     tracing::debug!(pid = started.pid, "sandbox running");
@@ -447,7 +451,6 @@ async fn run_call(
     // CPU time is accounted per cgroup, so it covers every process of the call.
     let cpu_limit_usec = limits.cpu_seconds.saturating_mul(1_000_000);
     let mut cpu_tick = tokio::time::interval(CPU_POLL);
-    let mut probe = [0u8; 64];
     let mut outcome = loop {
         tokio::select! {
             status = &mut exited => break match status {
@@ -461,8 +464,18 @@ async fn run_call(
                 tracing::info!(limit_ms = wall_limit_ms, "wall-clock limit reached, sandbox killed");
                 break Outcome::TimedOut { limit_ms: wall_limit_ms };
             }
-            // Any byte or EOF from the backend at this point means it has given up.
-            _ = conn.stream.read(&mut probe) => {
+            // The backend's row counts arrive here once the runtime said done; EOF or
+            // anything else from the backend means it has given up.
+            request = conn.read() => {
+                match request {
+                    Ok(Request::Report { rows_in, rows_out }) => {
+                        record.report(rows_in, rows_out);
+                        continue;
+                    }
+                    Ok(other) => tracing::warn!(request = ?other, "unexpected request during a call"),
+                    Err(ConnError::Closed) => {}
+                    Err(e) => tracing::warn!(error = %e, "bad frame from the backend during a call"),
+                }
                 daemon.spawner.kill(call_id);
                 let _ = (&mut exited).await;
                 tracing::info!("backend hung up, sandbox killed");
@@ -479,29 +492,40 @@ async fn run_call(
             }
         }
     };
-    if let Some(cg) = &cgroup {
+    let stats = cgroup.as_ref().and_then(|cg| cg.stats());
+    if let Some(stats) = &stats {
         // A kill by the kernel's OOM killer looks like any SIGKILL from outside; the
         // cgroup's own count tells them apart.
-        if let Some(stats) = cg.stats() {
-            tracing::info!(
-                memory_peak_bytes = stats.memory_peak_bytes,
-                cpu_usage_usec = stats.cpu_usage_usec,
-                "resources used"
-            );
-            if stats.oom_killed && !matches!(outcome, Outcome::Cancelled) {
-                outcome = Outcome::MemoryLimit {
-                    limit_bytes: limits.memory_mib * 1024 * 1024,
-                };
-            }
+        tracing::info!(
+            memory_peak_bytes = stats.memory_peak_bytes,
+            cpu_usage_usec = stats.cpu_usage_usec,
+            "resources used"
+        );
+        if stats.oom_killed && !matches!(outcome, Outcome::Cancelled) {
+            outcome = Outcome::MemoryLimit {
+                limit_bytes: limits.memory_mib * 1024 * 1024,
+            };
         }
     }
     tracing::info!(?outcome, "call ended");
+    record.ended(&outcome, stats.as_ref());
     drop(cgroup);
     drop(session);
     drop(worker);
     if outcome != Outcome::Cancelled {
         // The backend may already be gone; that is not an error of the daemon's.
         let _ = conn.write(&Reply::Ended { outcome }).await;
+        if !record.has_report() {
+            // The backend reports after reading the runtime's last frame, which can come
+            // after the sandbox is gone. EOF (the backend failed or never got `done`)
+            // leaves the counts null.
+            if let Ok(Ok(Request::Report { rows_in, rows_out })) =
+                tokio::time::timeout(REPORT_WAIT, conn.read()).await
+            {
+                record.report(rows_in, rows_out);
+            }
+        }
     }
+    drop(record);
     Ok(())
 }

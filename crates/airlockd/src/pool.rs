@@ -1,0 +1,194 @@
+//! The worker identity pool: a numeric uid range the daemon owns (no accounts).
+//!
+//! A caller, (database, role), is mapped onto one worker uid for as long as it has calls
+//! running: its concurrent calls share that uid (each still in its own sandbox, session
+//! folder and cgroup), and two callers never share a uid at the same time, so a script
+//! can never signal or read the files of another caller's script even through a kernel
+//! object that namespaces do not cover. When every uid is held by other callers, a call
+//! waits up to `workers.queue_timeout_seconds` for one to free.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::sync::Notify;
+
+/// Who a worker is mapped to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CallerKey {
+    pub database: String,
+    pub role: String,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    free: BTreeSet<u32>,
+    /// Worker of each caller with calls running, and how many.
+    held: HashMap<CallerKey, (u32, usize)>,
+}
+
+/// The pool; cheap to share.
+#[derive(Debug, Clone)]
+pub struct WorkerPool {
+    state: Arc<Mutex<State>>,
+    freed: Arc<Notify>,
+}
+
+impl WorkerPool {
+    pub fn new(uids: impl IntoIterator<Item = u32>) -> WorkerPool {
+        WorkerPool {
+            state: Arc::new(Mutex::new(State {
+                free: uids.into_iter().collect(),
+                held: HashMap::new(),
+            })),
+            freed: Arc::new(Notify::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A poisoned lock means a task panicked while holding it; every update below
+        // leaves the state consistent before it can panic, so keep using it.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The caller's worker now, if it has one or a uid is free.
+    pub fn try_acquire(&self, caller: &CallerKey) -> Option<Lease> {
+        let mut st = self.lock();
+        if let Some((uid, n)) = st.held.get_mut(caller) {
+            *n += 1;
+            return Some(self.lease(caller, *uid));
+        }
+        let uid = st.free.pop_first()?;
+        st.held.insert(caller.clone(), (uid, 1));
+        Some(self.lease(caller, uid))
+    }
+
+    /// Waits up to `timeout` for a worker. None: every worker stayed busy.
+    pub async fn acquire(&self, caller: &CallerKey, timeout: Duration) -> Option<Lease> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            // Register for the wake-up before looking, so a release between the look
+            // and the wait is not missed.
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if let Some(lease) = self.try_acquire(caller) {
+                return Some(lease);
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    fn lease(&self, caller: &CallerKey, uid: u32) -> Lease {
+        Lease {
+            pool: self.clone(),
+            caller: caller.clone(),
+            uid,
+        }
+    }
+
+    fn release(&self, caller: &CallerKey) {
+        let mut st = self.lock();
+        if let Some((uid, n)) = st.held.get_mut(caller) {
+            *n -= 1;
+            if *n == 0 {
+                let uid = *uid;
+                st.held.remove(caller);
+                st.free.insert(uid);
+                drop(st);
+                self.freed.notify_waiters();
+            }
+        }
+    }
+
+    /// Workers held right now, by caller: for monitoring and tests.
+    pub fn held(&self) -> Vec<(CallerKey, u32, usize)> {
+        let st = self.lock();
+        st.held
+            .iter()
+            .map(|(k, (uid, n))| (k.clone(), *uid, *n))
+            .collect()
+    }
+}
+
+/// One call's hold on its caller's worker; released on drop.
+#[derive(Debug)]
+pub struct Lease {
+    pool: WorkerPool,
+    caller: CallerKey,
+    pub uid: u32,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.pool.release(&self.caller);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(role: &str) -> CallerKey {
+        CallerKey {
+            database: "db".into(),
+            role: role.into(),
+        }
+    }
+
+    #[test]
+    fn one_caller_shares_its_worker_and_others_never_do() {
+        let pool = WorkerPool::new([10, 11]);
+        let a1 = pool.try_acquire(&key("a")).unwrap();
+        let a2 = pool.try_acquire(&key("a")).unwrap();
+        let b = pool.try_acquire(&key("b")).unwrap();
+        assert_eq!(a1.uid, a2.uid);
+        assert_ne!(a1.uid, b.uid);
+        assert!(
+            pool.try_acquire(&key("c")).is_none(),
+            "two workers, three callers"
+        );
+        drop(a1);
+        assert!(pool.try_acquire(&key("c")).is_none(), "a still runs a call");
+        drop(a2);
+        let c = pool.try_acquire(&key("c")).unwrap();
+        assert_ne!(c.uid, b.uid);
+    }
+
+    #[test]
+    fn the_same_role_in_another_database_is_another_caller() {
+        let pool = WorkerPool::new([10, 11]);
+        let a = pool.try_acquire(&key("a")).unwrap();
+        let other = CallerKey {
+            database: "other".into(),
+            role: "a".into(),
+        };
+        let b = pool.try_acquire(&other).unwrap();
+        assert_ne!(a.uid, b.uid);
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_waiting_call_gets_the_first_freed_worker_or_times_out() {
+        let pool = WorkerPool::new([10]);
+        let held = pool.try_acquire(&key("a")).unwrap();
+        assert!(pool
+            .acquire(&key("b"), Duration::from_secs(1))
+            .await
+            .is_none());
+        let waiter = {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                pool.acquire(&key("b"), Duration::from_secs(10))
+                    .await
+                    .map(|l| l.uid)
+            })
+        };
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        drop(held);
+        assert_eq!(waiter.await.unwrap(), Some(10));
+    }
+}
