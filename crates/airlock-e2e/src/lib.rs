@@ -315,6 +315,41 @@ impl Daemon {
         self.child.lock().unwrap_or_else(|e| e.into_inner()).id()
     }
 
+    /// Kills the daemon with SIGKILL (a crash: no cleanup of its own) and waits for it.
+    pub fn crash(&self) {
+        let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+        let _ = child.wait();
+    }
+
+    /// Starts the daemon again with the same config and state directory, appending to
+    /// the same log; returns once its socket answers connections.
+    pub fn restart(&self) {
+        let log = fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.path().join("airlockd.log"))
+            .expect("log");
+        let child = Command::new(airlockd_bin())
+            .arg("--config")
+            .arg(self.dir.path().join("airlockd.toml"))
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("restarting airlockd");
+        *self.child.lock().unwrap_or_else(|e| e.into_inner()) = child;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "airlockd did not restart; log:\n{}",
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Stops the daemon with SIGTERM; removes its directory.
     pub fn stop(&self) {
         let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());

@@ -438,6 +438,218 @@ fn worker_pool_maps_callers_onto_workers() -> TestResult {
     result
 }
 
+fn a_crashed_daemon_leaves_nothing_running_and_is_swept_at_restart() -> TestResult {
+    let daemon = Daemon::start(DaemonSettings {
+        first_uid: 63200,
+        count: 2,
+        wall_clock_seconds: 60.0,
+        cpu_seconds: 60,
+        memory_mib: 256,
+        pids: 64,
+        queue_timeout_seconds: 5.0,
+    });
+    let cluster = Cluster::start(&daemon.socket, true);
+    let result = (|| -> TestResult {
+        let (mut c, notices) = cluster.connect("postgres");
+        let call = thread::spawn(move || {
+            py(
+                &mut c,
+                "import os, subprocess, time\nprint(os.getcwd(), flush=True)\nsubprocess.Popen(['sleep', '600'])\ntime.sleep(600)",
+                None,
+                "a int",
+            )
+        });
+        let mut cwd = None;
+        ensure(
+            eventually(Duration::from_secs(5), || {
+                cwd = notices
+                    .lock()
+                    .ok()
+                    .and_then(|n| n.iter().find(|l| l.starts_with("/sessions/")).cloned());
+                cwd.is_some()
+            }),
+            "the call never started",
+        )?;
+        let uuid = cwd
+            .unwrap_or_default()
+            .trim_start_matches("/sessions/")
+            .to_owned();
+        let folder = daemon.sessions_dir().join(&uuid);
+        let group = format!("call-{uuid}");
+        ensure(
+            folder.exists(),
+            "the session folder exists while the call runs",
+        )?;
+
+        // kill -9: the daemon cannot clean up; its spawner sees the socket close and
+        // kills every sandbox, and the caller gets an error instead of hanging.
+        let started = Instant::now();
+        daemon.crash();
+        let e = expect_err(call.join().map_err(|_| "caller panicked")?)?;
+        ensure(
+            started.elapsed() < Duration::from_secs(5),
+            format!(
+                "the call took {:?} to fail after the crash",
+                started.elapsed()
+            ),
+        )?;
+        expect_code(&e, &SqlState::CONNECTION_FAILURE)?;
+        ensure(
+            eventually(Duration::from_secs(5), || {
+                !std::fs::read_dir("/proc").map_or(false, |d| {
+                    d.flatten().any(|p| {
+                        std::fs::read_to_string(p.path().join("cgroup"))
+                            .is_ok_and(|c| c.contains(&group))
+                    })
+                })
+            }),
+            format!("a process of {group} survived the daemon's crash"),
+        )?;
+        ensure(
+            folder.exists(),
+            "nothing removed the folder before the restart (the sweep is what is tested)",
+        )?;
+
+        // The restart sweeps what the crash left, and says so.
+        daemon.restart();
+        ensure(
+            !folder.exists(),
+            format!("{} survived the restart", folder.display()),
+        )?;
+        ensure(
+            find_dir("/sys/fs/cgroup".as_ref(), &group, 8).is_none(),
+            format!("cgroup {group} survived the restart"),
+        )?;
+        let log = daemon.log();
+        expect_contains(&log, "removing session folder left by an earlier run")?;
+        expect_contains(&log, "removed a call cgroup left by an earlier run")?;
+        // And it works again.
+        let (mut c, _) = cluster.connect("postgres");
+        let rows = py(
+            &mut c,
+            "import pandas as pd\nOutputDataSet = pd.DataFrame({'a': [1]})",
+            None,
+            "a int",
+        )?;
+        ensure(rows.len() == 1, "a call after the restart works")
+    })();
+    cluster.stop();
+    daemon.stop();
+    result
+}
+
+fn monitoring_views_show_own_sessions_and_stats() -> TestResult {
+    let (mut su, _) = env().cluster.connect("postgres");
+    su.batch_execute(
+        "CREATE ROLE watcher LOGIN; GRANT pg_monitor TO watcher;
+         CREATE ROLE viewer_a LOGIN; GRANT airlock_python_executor TO viewer_a;
+         CREATE ROLE viewer_b LOGIN; GRANT airlock_python_executor TO viewer_b;",
+    )?;
+    // viewer_a runs a call that lasts a while and reports its folder.
+    let (mut a, notices) = env().cluster.connect("viewer_a");
+    let running = thread::spawn(move || {
+        py(
+            &mut a,
+            "import os, time, pandas as pd\nprint(os.getcwd(), flush=True)\ntime.sleep(2)\nOutputDataSet = pd.DataFrame({'a': [1, 2]})",
+            Some("SELECT 1 AS x UNION ALL SELECT 2 UNION ALL SELECT 3"),
+            "a int",
+        )
+        .map(|rows| rows.len())
+    });
+    let mut cwd = None;
+    ensure(
+        eventually(Duration::from_secs(5), || {
+            cwd = notices
+                .lock()
+                .ok()
+                .and_then(|n| n.iter().find(|l| l.starts_with("/sessions/")).cloned());
+            cwd.is_some()
+        }),
+        "viewer_a's call never started",
+    )?;
+    let uuid = cwd
+        .unwrap_or_default()
+        .trim_start_matches("/sessions/")
+        .to_owned();
+    let sql =
+        "SELECT session_id::text, role, state, worker_uid, language FROM airlock.active_sessions";
+    let seen = |user: &str| -> Result<Vec<(String, String, String, i64, String)>, Failed> {
+        let (mut c, _) = env().cluster.connect(user);
+        Ok(c.query(sql, &[])?
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+            .collect())
+    };
+    let mine = seen("viewer_a")?;
+    let row = mine
+        .iter()
+        .find(|r| r.0 == uuid)
+        .ok_or_else(|| format!("viewer_a does not see its own call {uuid}: {mine:?}"))?;
+    ensure(
+        row.1 == "viewer_a" && row.2 == "running" && row.4 == "python",
+        format!("{row:?}"),
+    )?;
+    ensure(
+        (FIRST_UID as i64..(FIRST_UID + WORKERS) as i64).contains(&row.3),
+        format!("worker uid {}", row.3),
+    )?;
+    ensure(
+        mine.iter().all(|r| r.1 == "viewer_a"),
+        format!("viewer_a sees others: {mine:?}"),
+    )?;
+    let other = seen("viewer_b")?;
+    ensure(
+        !other.iter().any(|r| r.0 == uuid),
+        "viewer_b sees viewer_a's call",
+    )?;
+    let monitor = seen("watcher")?;
+    ensure(
+        monitor.iter().any(|r| r.0 == uuid),
+        "a pg_monitor member does not see every call",
+    )?;
+    let (mut outsider, _) = env().cluster.connect("outsider");
+    let direct = outsider.query("SELECT session_id FROM airlock.daemon_sessions()", &[])?;
+    ensure(
+        direct.is_empty(),
+        "the function behind the view shows others' calls",
+    )?;
+    ensure(
+        running.join().map_err(|_| "viewer_a panicked")?? == 2,
+        "viewer_a's call",
+    )?;
+
+    // The counters include that call, with its rows; viewer_b sees only its own.
+    let (mut a, _) = env().cluster.connect("viewer_a");
+    let e = expect_err(py(&mut a, "raise ValueError('x')", None, "a int"))?;
+    expect_code(&e, &SqlState::EXTERNAL_ROUTINE_EXCEPTION)?;
+    let stats = |c: &mut Client| -> Result<Vec<(String, i64, i64, i64, i64, i64)>, Failed> {
+        Ok(c.query(
+            "SELECT role, calls, ok, script_errors, rows_in, rows_out FROM airlock.execution_stats WHERE language = 'python'",
+            &[],
+        )?
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
+        .collect())
+    };
+    let want = ("viewer_a".to_string(), 2, 1, 1, 3, 2);
+    ensure(
+        eventually(Duration::from_secs(5), || {
+            stats(&mut a).is_ok_and(|s| s == [want.clone()])
+        }),
+        format!("viewer_a's stats: {:?}", stats(&mut a)?),
+    )?;
+    let (mut b, _) = env().cluster.connect("viewer_b");
+    ensure(
+        stats(&mut b)?.is_empty(),
+        "viewer_b sees viewer_a's counters",
+    )?;
+    let (mut w, _) = env().cluster.connect("watcher");
+    ensure(
+        stats(&mut w)?.iter().any(|r| r.0 == "viewer_a"),
+        "pg_monitor sees every role's counters",
+    )
+}
+
 fn busy_pool_fails_after_the_queue_timeout() -> TestResult {
     let daemon = Daemon::start(DaemonSettings {
         first_uid: 63100,
@@ -1527,6 +1739,8 @@ fn main() {
         language_grant_alone_allows_that_language,
         worker_pool_maps_callers_onto_workers,
         busy_pool_fails_after_the_queue_timeout,
+        monitoring_views_show_own_sessions_and_stats,
+        a_crashed_daemon_leaves_nothing_running_and_is_swept_at_restart,
         input_query_runs_as_caller,
         row_level_security_applies,
         python_exception_is_an_error_with_traceback,

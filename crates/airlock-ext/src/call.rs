@@ -295,7 +295,9 @@ struct Session {
     data: Channel,
 }
 
-fn start_session(language: Language, script: &str) -> Result<Session, CallError> {
+/// Connects to the daemon and exchanges hellos; returns the connection and the
+/// deadline (airlock.connect_timeout) for the next exchange.
+pub(crate) fn hello_daemon() -> Result<(Channel, Instant), CallError> {
     let path = PathBuf::from(gucs::socket_path());
     let deadline = Instant::now() + Duration::from_millis(gucs::CONNECT_TIMEOUT_MS.get() as u64);
     let mut control = Channel::connect(&path, deadline)?;
@@ -305,10 +307,21 @@ fn start_session(language: Language, script: &str) -> Result<Session, CallError>
     };
     control.send(&encode(&hello)?, Some(deadline))?;
     match recv_reply(&mut control, Some(deadline))? {
-        Reply::Hello { .. } => {}
-        Reply::Refused { reason, message } => return Err(CallError::Refused { reason, message }),
-        other => return Err(unexpected(Peer::Daemon, &other)),
+        Reply::Hello { .. } => Ok((control, deadline)),
+        Reply::Refused { reason, message } => Err(CallError::Refused { reason, message }),
+        other => Err(unexpected(Peer::Daemon, &other)),
     }
+}
+
+/// Asks the daemon one monitoring question.
+pub(crate) fn ask_daemon(request: &Request) -> Result<Reply, CallError> {
+    let (mut control, deadline) = hello_daemon()?;
+    control.send(&encode(request)?, Some(deadline))?;
+    recv_reply(&mut control, Some(deadline))
+}
+
+fn start_session(language: Language, script: &str) -> Result<Session, CallError> {
+    let (mut control, deadline) = hello_daemon()?;
     let digest = Sha256::digest(script.as_bytes());
     let script_sha256 = digest.iter().map(|b| format!("{b:02x}")).collect();
     // SAFETY: MyProcPid is set at backend start.

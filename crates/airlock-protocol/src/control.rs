@@ -77,6 +77,11 @@ pub enum Request {
     /// What the backend counted, for the daemon's audit record: rows sent to the script,
     /// and rows of its output accepted (0 after a script error).
     Report { rows_in: u64, rows_out: u64 },
+    /// Every call running now, for `airlock.active_sessions`.
+    ListSessions,
+    /// Counters per language and role since the daemon started, for
+    /// `airlock.execution_stats`.
+    Stats,
 }
 
 /// Why the daemon refused a request.
@@ -137,6 +142,47 @@ pub enum Reply {
     Ended {
         outcome: Outcome,
     },
+    Sessions {
+        sessions: Vec<SessionInfo>,
+    },
+    Stats {
+        rows: Vec<StatsRow>,
+    },
+}
+
+/// One running call, as the daemon sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionInfo {
+    pub session_id: Uuid,
+    pub caller: Caller,
+    pub language: Language,
+    pub worker_uid: u32,
+    /// Milliseconds since the Unix epoch when the call got its worker.
+    pub started_unix_ms: u64,
+    /// "starting" until the sandbox runs, then "running".
+    pub state: String,
+    /// CPU time and peak memory of the call's processes so far (0 without cgroups).
+    pub cpu_ms: u64,
+    pub memory_bytes: u64,
+}
+
+/// Counters of one (language, role) since the daemon started.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatsRow {
+    pub language: String,
+    pub role: String,
+    pub calls: u64,
+    pub ok: u64,
+    pub script_errors: u64,
+    pub timeouts: u64,
+    pub memory_limits: u64,
+    pub cpu_limits: u64,
+    pub cancelled: u64,
+    pub daemon_errors: u64,
+    pub total_wall_ms: u64,
+    pub max_wall_ms: u64,
+    pub rows_in: u64,
+    pub rows_out: u64,
 }
 
 #[cfg(test)]

@@ -119,7 +119,7 @@ impl AuditFile {
             .name("audit-writer".into())
             .spawn(move || self.write_all(rx))
             .map_err(AuditError::Thread)?;
-        Ok((AuditLog { tx }, AuditWriter { thread }))
+        Ok((AuditLog { tx, monitor: None }, AuditWriter { thread }))
     }
 
     /// The writer thread: until every [`AuditLog`] is dropped.
@@ -161,10 +161,21 @@ impl AuditFile {
 #[derive(Clone)]
 pub struct AuditLog {
     tx: mpsc::Sender<Record>,
+    /// Also counts each record for `airlock.execution_stats`.
+    monitor: Option<std::sync::Arc<crate::monitor::Monitor>>,
 }
 
 impl AuditLog {
+    /// Counts every record in `monitor` as well.
+    pub fn with_monitor(mut self, monitor: std::sync::Arc<crate::monitor::Monitor>) -> Self {
+        self.monitor = Some(monitor);
+        self
+    }
+
     fn send(&self, record: Record) {
+        if let Some(m) = &self.monitor {
+            m.record(&record);
+        }
         if let Err(mpsc::SendError(record)) = self.tx.send(record) {
             // Only if the writer thread panicked.
             tracing::error!(?record, "the audit writer is gone; record lost");

@@ -11,6 +11,7 @@
 pub mod audit;
 pub mod config;
 pub mod enforcement;
+pub mod monitor;
 pub mod pool;
 pub mod runtime;
 pub mod server;

@@ -75,11 +75,13 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(1);
         })?;
         let listener = bind(&config.socket_path)?;
+        let monitor = Arc::new(airlockd::monitor::Monitor::default());
         let daemon = Arc::new(server::Daemon::new(
             config.clone(),
             handle,
             cgroups,
-            audit_log,
+            audit_log.with_monitor(monitor.clone()),
+            monitor,
         ));
         tracing::info!(socket = %config.socket_path.display(), "airlockd listening");
         let shutdown = async {

@@ -15,6 +15,7 @@ use std::{
     time::Duration,
 };
 
+use crate::monitor::Monitor;
 use crate::pool::{CallerKey, Lease, WorkerPool};
 use airlock_protocol::{
     control::{Language, Outcome, RefusalKind, Reply, Request},
@@ -50,6 +51,8 @@ pub struct Daemon {
     pub pool: WorkerPool,
     /// Where each call's audit record goes.
     pub audit: AuditLog,
+    /// Running calls and counters, for the monitoring views.
+    pub monitor: Arc<Monitor>,
     next_call: AtomicU64,
 }
 
@@ -59,6 +62,7 @@ impl Daemon {
         spawner: SpawnerHandle,
         cgroups: Option<CgroupRoot>,
         audit: AuditLog,
+        monitor: Arc<Monitor>,
     ) -> Self {
         let pool = WorkerPool::new(config.workers.first_uid..=config.last_worker_uid());
         Daemon {
@@ -67,6 +71,7 @@ impl Daemon {
             cgroups,
             pool,
             audit,
+            monitor,
             next_call: AtomicU64::new(1),
         }
     }
@@ -258,13 +263,22 @@ async fn handle(stream: UnixStream, daemon: &Daemon) -> Result<(), ConnError> {
             caller,
             script_sha256,
         }) => (language, caller, script_sha256),
-        Ok(other) => {
+        Ok(other @ (Request::Hello { .. } | Request::Report { .. })) => {
             return conn
                 .refuse(
                     RefusalKind::Protocol,
                     format!("expected execute, got {other:?}"),
                 )
                 .await;
+        }
+        // Monitoring: answered from what the daemon holds, no sandbox involved.
+        Ok(Request::ListSessions) => {
+            let sessions = daemon.monitor.sessions();
+            return conn.write(&Reply::Sessions { sessions }).await;
+        }
+        Ok(Request::Stats) => {
+            let rows = daemon.monitor.stats();
+            return conn.write(&Reply::Stats { rows }).await;
         }
         Err(ConnError::Closed) => return Ok(()),
         Err(e) => return Err(e),
@@ -347,6 +361,10 @@ async fn run_call(
         language,
         &script_sha256,
     );
+    // Listed in airlock.active_sessions until this call returns.
+    let _listed = daemon
+        .monitor
+        .begin(session_id, &caller, language, worker.uid);
 
     // The session folder: created here, removed when `session` drops, whatever happens.
     let session = match SessionDir::create(config, session_id, worker.uid) {
@@ -443,6 +461,7 @@ async fn run_call(
         return Err(e);
     }
     tracing::debug!(pid = started.pid, "sandbox running");
+    daemon.monitor.running(session_id);
 
     // Wait for whichever comes first: the sandbox exits, the time limit, or the backend
     // hangs up (cancel, statement_timeout, error in the backend).
@@ -482,7 +501,11 @@ async fn run_call(
                 break Outcome::Cancelled;
             }
             _ = cpu_tick.tick(), if cgroup.is_some() => {
-                let used = cgroup.as_ref().and_then(|c| c.stats()).map(|s| s.cpu_usage_usec);
+                let now = cgroup.as_ref().and_then(|c| c.stats());
+                if let Some(s) = &now {
+                    daemon.monitor.usage(session_id, s.cpu_usage_usec / 1000, s.memory_peak_bytes);
+                }
+                let used = now.map(|s| s.cpu_usage_usec);
                 if used.is_some_and(|u| u >= cpu_limit_usec) {
                     daemon.spawner.kill(call_id);
                     let _ = (&mut exited).await;
