@@ -496,7 +496,7 @@ fn a_crashed_daemon_leaves_nothing_running_and_is_swept_at_restart() -> TestResu
         expect_code(&e, &SqlState::CONNECTION_FAILURE)?;
         ensure(
             eventually(Duration::from_secs(5), || {
-                !std::fs::read_dir("/proc").map_or(false, |d| {
+                !std::fs::read_dir("/proc").is_ok_and(|d| {
                     d.flatten().any(|p| {
                         std::fs::read_to_string(p.path().join("cgroup"))
                             .is_ok_and(|c| c.contains(&group))
@@ -573,7 +573,8 @@ fn monitoring_views_show_own_sessions_and_stats() -> TestResult {
         .to_owned();
     let sql =
         "SELECT session_id::text, role, state, worker_uid, language FROM airlock.active_sessions";
-    let seen = |user: &str| -> Result<Vec<(String, String, String, i64, String)>, Failed> {
+    type SessionRow = (String, String, String, i64, String);
+    let seen = |user: &str| -> Result<Vec<SessionRow>, Failed> {
         let (mut c, _) = env().cluster.connect(user);
         Ok(c.query(sql, &[])?
             .iter()
@@ -622,7 +623,8 @@ fn monitoring_views_show_own_sessions_and_stats() -> TestResult {
     let (mut a, _) = env().cluster.connect("viewer_a");
     let e = expect_err(py(&mut a, "raise ValueError('x')", None, "a int"))?;
     expect_code(&e, &SqlState::EXTERNAL_ROUTINE_EXCEPTION)?;
-    let stats = |c: &mut Client| -> Result<Vec<(String, i64, i64, i64, i64, i64)>, Failed> {
+    type StatsRow = (String, i64, i64, i64, i64, i64);
+    let stats = |c: &mut Client| -> Result<Vec<StatsRow>, Failed> {
         Ok(c.query(
             "SELECT role, calls, ok, script_errors, rows_in, rows_out FROM airlock.execution_stats WHERE language = 'python'",
             &[],
