@@ -141,11 +141,15 @@ impl AuditFile {
             // One write per record (O_APPEND: never interleaved, never overwriting), then
             // to disk before the next. If it fails, the chain has still moved on, so
             // verify will report the gap; the record itself goes to the daemon's log.
-            match (&self.file)
-                .write_all(&buf)
-                .and_then(|()| self.file.sync_data())
-            {
-                Ok(()) => self.unterminated = false,
+            match (&self.file).write_all(&buf) {
+                Ok(()) => {
+                    self.unterminated = false;
+                    // The line is complete in the file; only its durability is in doubt.
+                    if let Err(e) = self.file.sync_data() {
+                        tracing::error!(path = %self.path.display(), error = %e,
+                            "cannot sync the audit log to disk");
+                    }
+                }
                 Err(e) => {
                     tracing::error!(path = %self.path.display(), error = %e, record = %line,
                         "cannot write the audit log; the record is lost from the file");

@@ -69,38 +69,53 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the event loop")?;
-    rt.block_on(async move {
-        let handle = spawner::SpawnerHandle::start(helper.sock, || {
-            tracing::error!("the sandbox spawner exited; airlockd cannot continue");
-            std::process::exit(1);
-        })?;
-        let listener = bind(&config.socket_path)?;
-        let monitor = Arc::new(airlockd::monitor::Monitor::default());
-        let daemon = Arc::new(server::Daemon::new(
-            config.clone(),
-            handle,
-            cgroups,
-            audit_log.with_monitor(monitor.clone()),
-            monitor,
-        ));
-        tracing::info!(socket = %config.socket_path.display(), "airlockd listening");
-        let shutdown = async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("installing a SIGTERM handler cannot fail in a fresh runtime");
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        };
-        server::serve(listener, daemon, shutdown).await;
-        let _ = std::fs::remove_file(&config.socket_path);
-        anyhow::Ok(())
-    })?;
+    // Set when the spawner helper dies: the daemon then shuts down the orderly way, so
+    // the calls in flight end and their audit records are written.
+    let spawner_gone = Arc::new(tokio::sync::Notify::new());
+    let lost_spawner = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let served = rt.block_on({
+        let spawner_gone = spawner_gone.clone();
+        let lost_spawner = lost_spawner.clone();
+        async move {
+            let notify = spawner_gone.clone();
+            let handle = spawner::SpawnerHandle::start(helper.sock, move || {
+                tracing::error!("the sandbox spawner exited; airlockd cannot continue");
+                lost_spawner.store(true, std::sync::atomic::Ordering::SeqCst);
+                notify.notify_one();
+            })?;
+            let listener = bind(&config.socket_path)?;
+            let monitor = Arc::new(airlockd::monitor::Monitor::default());
+            let daemon = Arc::new(server::Daemon::new(
+                config.clone(),
+                handle,
+                cgroups,
+                audit_log.with_monitor(monitor.clone()),
+                monitor,
+            ));
+            tracing::info!(socket = %config.socket_path.display(), "airlockd listening");
+            let shutdown = async {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                        .expect("installing a SIGTERM handler cannot fail in a fresh runtime");
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = spawner_gone.notified() => {}
+                }
+            };
+            server::serve(listener, daemon, shutdown).await;
+            let _ = std::fs::remove_file(&config.socket_path);
+            anyhow::Ok(())
+        }
+    });
     // Dropping the event loop drops every call still running, and with them the last
     // handles on the audit log; then the writer has written everything queued.
     drop(rt);
     audit_writer.finish();
+    served?;
+    if lost_spawner.load(std::sync::atomic::Ordering::SeqCst) {
+        bail!("the sandbox spawner exited");
+    }
     Ok(())
 }
 

@@ -27,6 +27,9 @@ struct State {
     free: BTreeSet<u32>,
     /// Worker of each caller with calls running, and how many.
     held: HashMap<CallerKey, (u32, usize)>,
+    /// Calls waiting for a worker: while any wait, a newcomer does not take a freed uid
+    /// ahead of them.
+    waiting: usize,
 }
 
 /// The pool; cheap to share.
@@ -42,6 +45,7 @@ impl WorkerPool {
             state: Arc::new(Mutex::new(State {
                 free: uids.into_iter().collect(),
                 held: HashMap::new(),
+                waiting: 0,
             })),
             freed: Arc::new(Notify::new()),
         }
@@ -53,12 +57,19 @@ impl WorkerPool {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The caller's worker now, if it has one or a uid is free.
+    /// The caller's worker now, if it has one or a uid is free (and nobody is queued).
     pub fn try_acquire(&self, caller: &CallerKey) -> Option<Lease> {
+        self.take(caller, false)
+    }
+
+    fn take(&self, caller: &CallerKey, queued: bool) -> Option<Lease> {
         let mut st = self.lock();
         if let Some((uid, n)) = st.held.get_mut(caller) {
             *n += 1;
             return Some(self.lease(caller, *uid));
+        }
+        if !queued && st.waiting > 0 {
+            return None;
         }
         let uid = st.free.pop_first()?;
         st.held.insert(caller.clone(), (uid, 1));
@@ -67,14 +78,18 @@ impl WorkerPool {
 
     /// Waits up to `timeout` for a worker. None: every worker stayed busy.
     pub async fn acquire(&self, caller: &CallerKey, timeout: Duration) -> Option<Lease> {
+        if let Some(lease) = self.try_acquire(caller) {
+            return Some(lease);
+        }
         let deadline = tokio::time::Instant::now() + timeout;
+        let _queued = Queued::join(self);
         loop {
             // Register for the wake-up before looking, so a release between the look
             // and the wait is not missed.
             let freed = self.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            if let Some(lease) = self.try_acquire(caller) {
+            if let Some(lease) = self.take(caller, true) {
                 return Some(lease);
             }
             if tokio::time::timeout_at(deadline, freed).await.is_err() {
@@ -112,6 +127,22 @@ impl WorkerPool {
             .iter()
             .map(|(k, (uid, n))| (k.clone(), *uid, *n))
             .collect()
+    }
+}
+
+/// Counts a waiting call for as long as it waits (also when its future is dropped).
+struct Queued<'a>(&'a WorkerPool);
+
+impl<'a> Queued<'a> {
+    fn join(pool: &'a WorkerPool) -> Queued<'a> {
+        pool.lock().waiting += 1;
+        Queued(pool)
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.lock().waiting -= 1;
     }
 }
 
@@ -169,6 +200,25 @@ mod tests {
         };
         let b = pool.try_acquire(&other).unwrap();
         assert_ne!(a.uid, b.uid);
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_newcomer_does_not_overtake_a_waiting_call() {
+        let pool = WorkerPool::new([10]);
+        let held = pool.try_acquire(&key("a")).unwrap();
+        let waiter = {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                pool.acquire(&key("b"), Duration::from_secs(10))
+                    .await
+                    .map(|l| l.uid)
+            })
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        drop(held);
+        // The uid is free, but b waits for it: c must not take it first.
+        assert!(pool.try_acquire(&key("c")).is_none());
+        assert_eq!(waiter.await.unwrap(), Some(10));
     }
 
     #[tokio::test(flavor = "current_thread", start_paused = true)]

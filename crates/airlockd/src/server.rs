@@ -307,7 +307,16 @@ async fn execute(
         role: caller.role.clone(),
     };
     let queue = Duration::from_secs_f64(config.workers.queue_timeout_seconds);
-    let Some(worker) = daemon.pool.acquire(&key, queue).await else {
+    // While queued, watch the backend: one that gave up (cancel, statement_timeout) must
+    // not take a worker later, ahead of callers still waiting.
+    let acquired = tokio::select! {
+        lease = daemon.pool.acquire(&key, queue) => lease,
+        _ = conn.stream.readable() => {
+            tracing::info!(role = %caller.role, "backend left while queued for a worker");
+            return Ok(());
+        }
+    };
+    let Some(worker) = acquired else {
         return conn
             .refuse(
                 RefusalKind::Busy,
@@ -535,6 +544,8 @@ async fn run_call(
     drop(cgroup);
     drop(session);
     drop(worker);
+    // Not running any more, whatever the backend still has to say.
+    drop(_listed);
     if outcome != Outcome::Cancelled {
         // The backend may already be gone; that is not an error of the daemon's.
         let _ = conn.write(&Reply::Ended { outcome }).await;
