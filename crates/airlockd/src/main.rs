@@ -49,6 +49,10 @@ fn main() -> anyhow::Result<()> {
         return check(&args.config);
     }
     let config = Arc::new(Config::load(&args.config)?);
+    // First of all: one daemon per state directory, or the sweeps below would remove
+    // another daemon's live calls.
+    let _state_lock = session::lock_state_dir(&config)
+        .with_context(|| format!("locking state directory {}", config.state_dir.display()))?;
     // Every layer enforced, or explicitly waived: never a silent downgrade.
     let lines = enforcement::report();
     for line in enforcement::require(&config, &lines)? {

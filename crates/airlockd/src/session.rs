@@ -22,6 +22,37 @@ pub fn sessions_root(config: &Config) -> PathBuf {
     config.state_dir.join("sessions")
 }
 
+/// Held for the daemon's lifetime. A second daemon on the same state directory would
+/// sweep this one's live session folders and cgroups, so it must not start.
+pub struct StateLock {
+    _lock: nix::fcntl::Flock<fs::File>,
+}
+
+/// Takes the state directory's lock (`airlockd.lock`), creating the directory if needed.
+pub fn lock_state_dir(config: &Config) -> io::Result<StateLock> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::create_dir_all(&config.state_dir)?;
+    let path = config.state_dir.join("airlockd.lock");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(StateLock { _lock: lock }),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(io::Error::new(
+            io::ErrorKind::WouldBlock,
+            format!(
+                "another airlockd is using the state directory {} (it holds {})",
+                config.state_dir.display(),
+                path.display()
+            ),
+        )),
+        Err((_, e)) => Err(e.into()),
+    }
+}
+
 /// Creates the state directory layout; sweeps session folders a crashed daemon left.
 pub fn prepare_state_dir(config: &Config) -> io::Result<()> {
     fs::create_dir_all(&config.state_dir)?;
@@ -112,5 +143,30 @@ impl Drop for SessionDir {
             Ok(handle) => drop(handle.spawn_blocking(remove)),
             Err(_) => remove(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_daemon_cannot_take_the_state_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::parse(
+            Path::new("t.toml"),
+            &format!(
+                "socket_path = \"/run/x.sock\"\nallowed_peer_uids = [101]\nstate_dir = \"{}\"\n[workers]\nfirst_uid = 61000\ncount = 1\ngid = 61000\n",
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        let first = lock_state_dir(&config).unwrap();
+        let e = lock_state_dir(&config)
+            .err()
+            .expect("second lock must fail");
+        assert!(e.to_string().contains("another airlockd"), "{e}");
+        drop(first);
+        lock_state_dir(&config).expect("free again once the first daemon is gone");
     }
 }
