@@ -347,19 +347,34 @@ fn uid_and_times(sleep: f64) -> String {
     )
 }
 
-fn worker_pool_maps_callers_onto_workers() -> TestResult {
-    // A daemon and cluster of their own: these calls fill the whole pool.
+/// Runs `f` against a daemon (with `count` workers from `first_uid` and the given queue
+/// timeout) and a cluster of its own, for cases that change the pool or the daemon
+/// itself; stops both afterwards whatever `f` returned.
+fn with_own_daemon(
+    first_uid: u32,
+    count: u32,
+    queue_timeout_seconds: f64,
+    f: impl FnOnce(&Daemon, &Cluster) -> TestResult,
+) -> TestResult {
     let daemon = Daemon::start(DaemonSettings {
-        first_uid: 63000,
-        count: 20,
+        first_uid,
+        count,
         wall_clock_seconds: 60.0,
         cpu_seconds: 60,
         memory_mib: 256,
         pids: 64,
-        queue_timeout_seconds: 30.0,
+        queue_timeout_seconds,
     });
     let cluster = Cluster::start(&daemon.socket, true);
-    let result = (|| -> TestResult {
+    let result = f(&daemon, &cluster);
+    cluster.stop();
+    daemon.stop();
+    result
+}
+
+fn worker_pool_maps_callers_onto_workers() -> TestResult {
+    // A daemon and cluster of their own: these calls fill the whole pool.
+    with_own_daemon(63000, 20, 30.0, |_, cluster| {
         let (mut su, _) = cluster.connect("postgres");
         for i in 0..21 {
             su.batch_execute(&format!(
@@ -432,24 +447,11 @@ fn worker_pool_maps_callers_onto_workers() -> TestResult {
             mine[0] == mine[1],
             format!("r0's concurrent calls ran as {mine:?}"),
         )
-    })();
-    cluster.stop();
-    daemon.stop();
-    result
+    })
 }
 
 fn a_crashed_daemon_leaves_nothing_running_and_is_swept_at_restart() -> TestResult {
-    let daemon = Daemon::start(DaemonSettings {
-        first_uid: 63200,
-        count: 2,
-        wall_clock_seconds: 60.0,
-        cpu_seconds: 60,
-        memory_mib: 256,
-        pids: 64,
-        queue_timeout_seconds: 5.0,
-    });
-    let cluster = Cluster::start(&daemon.socket, true);
-    let result = (|| -> TestResult {
+    with_own_daemon(63200, 2, 5.0, |daemon, cluster| {
         let (mut c, notices) = cluster.connect("postgres");
         let call = thread::spawn(move || {
             py(
@@ -459,19 +461,8 @@ fn a_crashed_daemon_leaves_nothing_running_and_is_swept_at_restart() -> TestResu
                 "a int",
             )
         });
-        let mut cwd = None;
-        ensure(
-            eventually(Duration::from_secs(5), || {
-                cwd = notices
-                    .lock()
-                    .ok()
-                    .and_then(|n| n.iter().find(|l| l.starts_with("/sessions/")).cloned());
-                cwd.is_some()
-            }),
-            "the call never started",
-        )?;
-        let uuid = cwd
-            .unwrap_or_default()
+        let uuid = printed_folder(&notices, Duration::from_secs(5))
+            .ok_or("the call never started")?
             .trim_start_matches("/sessions/")
             .to_owned();
         let folder = daemon.sessions_dir().join(&uuid);
@@ -532,10 +523,7 @@ fn a_crashed_daemon_leaves_nothing_running_and_is_swept_at_restart() -> TestResu
             "a int",
         )?;
         ensure(rows.len() == 1, "a call after the restart works")
-    })();
-    cluster.stop();
-    daemon.stop();
-    result
+    })
 }
 
 fn monitoring_views_show_own_sessions_and_stats() -> TestResult {
@@ -556,19 +544,8 @@ fn monitoring_views_show_own_sessions_and_stats() -> TestResult {
         )
         .map(|rows| rows.len())
     });
-    let mut cwd = None;
-    ensure(
-        eventually(Duration::from_secs(5), || {
-            cwd = notices
-                .lock()
-                .ok()
-                .and_then(|n| n.iter().find(|l| l.starts_with("/sessions/")).cloned());
-            cwd.is_some()
-        }),
-        "viewer_a's call never started",
-    )?;
-    let uuid = cwd
-        .unwrap_or_default()
+    let uuid = printed_folder(&notices, Duration::from_secs(5))
+        .ok_or("viewer_a's call never started")?
         .trim_start_matches("/sessions/")
         .to_owned();
     let sql =
@@ -653,17 +630,7 @@ fn monitoring_views_show_own_sessions_and_stats() -> TestResult {
 }
 
 fn busy_pool_fails_after_the_queue_timeout() -> TestResult {
-    let daemon = Daemon::start(DaemonSettings {
-        first_uid: 63100,
-        count: 1,
-        wall_clock_seconds: 60.0,
-        cpu_seconds: 60,
-        memory_mib: 256,
-        pids: 64,
-        queue_timeout_seconds: 1.0,
-    });
-    let cluster = Cluster::start(&daemon.socket, true);
-    let result = (|| -> TestResult {
+    with_own_daemon(63100, 1, 1.0, |_, cluster| {
         let (mut su, _) = cluster.connect("postgres");
         su.batch_execute("CREATE ROLE holder LOGIN; GRANT airlock_script_executor TO holder; CREATE ROLE waiter LOGIN; GRANT airlock_script_executor TO waiter;")?;
         let mut h = cluster.connect("holder").0;
@@ -689,10 +656,7 @@ fn busy_pool_fails_after_the_queue_timeout() -> TestResult {
             waited >= Duration::from_millis(900) && waited < Duration::from_secs(3),
             format!("waited {waited:?} for a 1 s queue timeout"),
         )
-    })();
-    cluster.stop();
-    daemon.stop();
-    result
+    })
 }
 
 fn superuser_needs_no_grant() -> TestResult {
@@ -948,14 +912,25 @@ fn session_folder_is_removed_after_an_error() -> TestResult {
     session_folder_gone(&notices)
 }
 
+/// The session folder (`/sessions/<uuid>`) a call's script printed as a NOTICE, waiting
+/// up to `limit` for it to arrive.
+fn printed_folder(notices: &airlock_e2e::Notices, limit: Duration) -> Option<String> {
+    let mut cwd = None;
+    eventually(limit, || {
+        cwd = notices
+            .lock()
+            .ok()
+            .and_then(|n| n.iter().find(|l| l.starts_with("/sessions/")).cloned());
+        cwd.is_some()
+    });
+    cwd
+}
+
 /// The session folder the script printed as its first NOTICE no longer exists on the
 /// host, and neither does the call's cgroup (which cannot be removed while any process
 /// of the call is left in it).
 fn session_folder_gone(notices: &airlock_e2e::Notices) -> TestResult {
-    let cwd = notices
-        .lock()
-        .map(|n| n.iter().find(|l| l.starts_with("/sessions/")).cloned())
-        .unwrap_or_default()
+    let cwd = printed_folder(notices, Duration::ZERO)
         .ok_or("the script's print of its folder never arrived")?;
     let uuid = cwd.trim_start_matches("/sessions/");
     let host = env().daemon.sessions_dir().join(uuid);
@@ -1103,18 +1078,8 @@ fn another_sessions_folder_is_invisible() -> TestResult {
         )
         .map(|_| ())
     });
-    let mut a_cwd = None;
-    ensure(
-        eventually(Duration::from_secs(3), || {
-            a_cwd = notices
-                .lock()
-                .ok()
-                .and_then(|n| n.iter().find(|l| l.starts_with("/sessions/")).cloned());
-            a_cwd.is_some()
-        }),
-        "call A never printed its folder",
-    )?;
-    let a_cwd = a_cwd.unwrap_or_default();
+    let a_cwd = printed_folder(&notices, Duration::from_secs(3))
+        .ok_or("call A never printed its folder")?;
     let result = escape(
         &format!(
             "(err(lambda: os.listdir('{a_cwd}')), err(lambda: open('{a_cwd}/secret.txt').read()))"
@@ -1421,19 +1386,7 @@ fn cancel_returns_promptly_and_kills_the_sandbox() -> TestResult {
         took < Duration::from_secs(3),
         format!("cancel took {took:?}"),
     )?;
-    let cwd = notices
-        .lock()
-        .map(|n| n.iter().find(|l| l.starts_with("/sessions/")).cloned())
-        .unwrap_or_default()
-        .ok_or("the script's first print never arrived")?;
-    let host = env()
-        .daemon
-        .sessions_dir()
-        .join(cwd.trim_start_matches("/sessions/"));
-    ensure(
-        eventually(Duration::from_secs(2), || !host.exists()),
-        format!("{} still exists after cancel", host.display()),
-    )?;
+    session_folder_gone(&notices)?;
     let rows = py(
         &mut c,
         "import pandas as pd\nOutputDataSet = pd.DataFrame({'a': [1]})",

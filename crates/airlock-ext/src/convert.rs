@@ -568,6 +568,14 @@ fn int_value(array: &ArrayRef, row: usize) -> i128 {
     }
 }
 
+/// An integer as the declared integer type's Datum; Err(the value, printed) if it does not
+/// fit.
+fn int_datum<T: TryFrom<i128> + IntoDatum>(v: i128) -> Result<Option<pg_sys::Datum>, String> {
+    T::try_from(v)
+        .map(IntoDatum::into_datum)
+        .map_err(|_| v.to_string())
+}
+
 fn float_value(array: &ArrayRef, row: usize) -> f64 {
     match array.data_type() {
         DataType::Float32 => array.as_primitive::<Float32Type>().value(row) as f64,
@@ -605,24 +613,9 @@ fn datum(
     };
     Ok(match col.target {
         Target::Bool => array.as_boolean().value(row).into_datum(),
-        Target::Int2 => {
-            let v = int_value(array, row);
-            i16::try_from(v)
-                .map_err(|_| out_of_range(v.to_string()))?
-                .into_datum()
-        }
-        Target::Int4 => {
-            let v = int_value(array, row);
-            i32::try_from(v)
-                .map_err(|_| out_of_range(v.to_string()))?
-                .into_datum()
-        }
-        Target::Int8 => {
-            let v = int_value(array, row);
-            i64::try_from(v)
-                .map_err(|_| out_of_range(v.to_string()))?
-                .into_datum()
-        }
+        Target::Int2 => int_datum::<i16>(int_value(array, row)).map_err(out_of_range)?,
+        Target::Int4 => int_datum::<i32>(int_value(array, row)).map_err(out_of_range)?,
+        Target::Int8 => int_datum::<i64>(int_value(array, row)).map_err(out_of_range)?,
         Target::Float4 => {
             let v = float_value(array, row);
             let f = v as f32;

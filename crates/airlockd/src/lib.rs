@@ -19,3 +19,13 @@ pub mod session;
 pub mod spawner;
 #[allow(unsafe_code)] // fd passing and pre_exec; every block has a SAFETY comment
 mod sys;
+
+/// Runs slow cleanup (removing a session folder, a cgroup) without stalling the event
+/// loop that serves every other call: on tokio's blocking pool when a runtime is
+/// running, else right here.
+pub(crate) fn off_event_loop(work: impl FnOnce() + Send + 'static) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => drop(handle.spawn_blocking(work)),
+        Err(_) => work(),
+    }
+}

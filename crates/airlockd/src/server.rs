@@ -144,10 +144,7 @@ impl Drop for CallGroup {
                 tracing::error!(error = %e, "cannot remove the call's cgroup");
             }
         };
-        match tokio::runtime::Handle::try_current() {
-            Ok(handle) => drop(handle.spawn_blocking(remove)),
-            Err(_) => remove(),
-        }
+        crate::off_event_loop(remove);
     }
 }
 

@@ -137,12 +137,8 @@ impl Drop for SessionDir {
                 tracing::error!(path = %path.display(), error = %e, "cannot remove session folder");
             }
         };
-        // A script may leave many files; removing them must not stall the event loop
-        // that serves every other call.
-        match tokio::runtime::Handle::try_current() {
-            Ok(handle) => drop(handle.spawn_blocking(remove)),
-            Err(_) => remove(),
-        }
+        // A script may leave many files.
+        crate::off_event_loop(remove);
     }
 }
 
