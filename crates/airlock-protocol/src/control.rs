@@ -24,14 +24,17 @@ use uuid::Uuid;
 #[serde(rename_all = "lowercase")]
 pub enum Language {
     Python,
+    /// R (runtimes/r): users write `language => 'R'` or `'r'`.
+    R,
 }
 
 impl Language {
-    pub const ALL: &'static [Language] = &[Language::Python];
+    pub const ALL: &'static [Language] = &[Language::Python, Language::R];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Language::Python => "python",
+            Language::R => "r",
         }
     }
 
@@ -225,6 +228,9 @@ mod tests {
     #[test]
     fn language_parse() {
         assert_eq!(Language::parse(" Python "), Some(Language::Python));
+        assert_eq!(Language::parse("R"), Some(Language::R));
+        assert_eq!(Language::parse("r"), Some(Language::R));
         assert_eq!(Language::parse("cobol"), None);
+        assert_eq!(serde_json::to_string(&Language::R).unwrap(), r#""r""#);
     }
 }

@@ -53,7 +53,7 @@ pub(crate) const ETC_FILE_MODE: u32 = 0o644;
 /// Names of the runtime's environment a request may set; anything else (PG*, the
 /// daemon's variables, LD_PRELOAD, credentials) is refused before the clone. `HOME` must
 /// be the session folder and is set to it when the request leaves it out.
-pub(crate) const ENV_ALLOWED: [&str; 11] = [
+pub(crate) const ENV_ALLOWED: [&str; 12] = [
     // Where programs are found; the runtime's own directories.
     "PATH",
     // The session folder (checked), so `~` and dotfiles land in it.
@@ -71,6 +71,9 @@ pub(crate) const ENV_ALLOWED: [&str; 11] = [
     "OMP_NUM_THREADS",
     "OPENBLAS_NUM_THREADS",
     "MKL_NUM_THREADS",
+    // Where R's own files are (/usr/lib/R): the R binary is started directly, without
+    // the bin/R shell wrapper that would otherwise set it, and cannot start without it.
+    "R_HOME",
 ];
 
 /// Prefixes of allowed environment names: the `LC_*` locale categories.

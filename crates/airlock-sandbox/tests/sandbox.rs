@@ -900,3 +900,108 @@ fn probe_reports_every_layer_enforced_on_this_kernel() {
     assert!(inet.is_ok(), "{inet:?}");
     assert!(fs::read_dir("/").is_ok());
 }
+
+// --- R -------------------------------------------------------------------------------
+
+/// Debian's R binary, run directly as the daemon runs it (crates/airlockd/src/runtime.rs).
+const R_BIN: &str = "/usr/lib/R/bin/exec/R";
+/// Where scripts/setup-r-runtime.sh installs the R runtime.
+const R_PREFIX: &str = "/opt/airlock/runtimes/r";
+
+/// The request the daemon makes for R: its extra read-only mounts and R_HOME.
+fn r_request(fx: &Fixture, argv: &[&str], extra_mounts: &[&str]) -> SpawnRequest {
+    let mut req = fx.request(argv);
+    for path in ["/etc/R", "/etc/alternatives"].iter().chain(extra_mounts) {
+        req.ro_mounts.push(RoMount {
+            host: path.into(),
+            target: path.into(),
+        });
+    }
+    req.env.push(("R_HOME".into(), "/usr/lib/R".into()));
+    req
+}
+
+#[test]
+fn r_runs_inside_the_unchanged_sandbox() {
+    if !Path::new(R_BIN).exists() {
+        eprintln!("{R_BIN} is not installed; skipped");
+        return;
+    }
+    let fx = Fixture::new();
+    // LAPACK (solve) checks the BLAS/LAPACK libraries behind /etc/alternatives; bit64
+    // and hms are the packages the shim loads.
+    let script = format!(
+        "exec {R_BIN} --vanilla --no-echo -e '\
+         suppressPackageStartupMessages(library(bit64)); invisible(loadNamespace(\"hms\")); \
+         x <- solve(matrix(c(2, 0, 0, 4), 2)); \
+         cat(\"R ok\", x[2, 2], as.character(as.integer64(2)^40), tempdir() != \"\", \"\\n\")' >&3"
+    );
+    let out = run_ok(&r_request(&fx, &sh(&script), &[]));
+    assert_eq!(out, "R ok 0.25 1099511627776 TRUE \n");
+}
+
+#[test]
+fn the_installed_r_runtime_speaks_the_protocol_inside_the_sandbox() {
+    use airlock_protocol::data::{FromRuntime, OutputColumn, ToRuntime};
+    use airlock_protocol::{encode_control, FrameDecoder, FrameKind, PROTOCOL_VERSION};
+    use std::io::Write;
+
+    let shim = format!("{R_PREFIX}/shim/airlock_runtime.R");
+    if !Path::new(&shim).exists() || !Path::new(R_BIN).exists() {
+        eprintln!("the R runtime is not installed (scripts/setup-r-runtime.sh); skipped");
+        return;
+    }
+    let fx = Fixture::new();
+    let req = r_request(
+        &fx,
+        &[R_BIN, "--vanilla", "--no-echo", "-f", &shim],
+        &[R_PREFIX],
+    );
+    let (ours, theirs) = data_pair();
+    let mut sandbox = spawn(&req, theirs).expect("spawn");
+    let mut sock = fs::File::from(ours);
+    let start = ToRuntime::Start {
+        version: PROTOCOL_VERSION,
+        script: "print('hi'); OutputDataSet <- data.frame(a = 1:3)".into(),
+        input_name: "InputDataSet".into(),
+        output_name: "OutputDataSet".into(),
+        has_input: false,
+        max_print_bytes: 1 << 20,
+        output_batch_rows: 65536,
+        max_frame_bytes: 1 << 20,
+        params: Default::default(),
+        output_columns: vec![OutputColumn {
+            name: "a".into(),
+            pg_type: "int4".parse().unwrap(),
+        }],
+        output_params: None,
+        rows_per_read: None,
+    };
+    sock.write_all(&encode_control(&start).unwrap()).unwrap();
+    sock.write_all(&encode_control(&ToRuntime::InputEnd).unwrap())
+        .unwrap();
+    let mut bytes = Vec::new();
+    sock.read_to_end(&mut bytes).unwrap();
+    let status = sandbox.wait().expect("wait");
+    let mut dec = FrameDecoder::new();
+    dec.extend(&bytes);
+    let mut kinds = Vec::new();
+    let mut controls = Vec::new();
+    while let Some(f) = dec.next_frame().unwrap() {
+        kinds.push(f.kind);
+        if f.kind == FrameKind::Control {
+            controls.push(f.control::<FromRuntime>().unwrap());
+        }
+    }
+    assert_eq!(
+        controls,
+        [
+            FromRuntime::Print {
+                text: "[1] \"hi\"\n".into()
+            },
+            FromRuntime::Done { rows: 3 }
+        ]
+    );
+    assert_eq!(kinds.iter().filter(|k| **k == FrameKind::Arrow).count(), 1);
+    assert_eq!(status, ExitStatus::Code { code: 0 });
+}

@@ -130,8 +130,9 @@ pub struct Enforcement {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Runtime {
-    /// Installation prefix, as made by `scripts/setup-python-runtime.sh`: `venv/` and
-    /// `shim/` below it. Mounted read-only at the same path in every sandbox.
+    /// Installation prefix, as made by `scripts/setup-python-runtime.sh` (`venv/` and
+    /// `shim/` below it) or `scripts/setup-r-runtime.sh` (`lib/libairlock_r.so` and
+    /// `shim/`). Mounted read-only at the same path in every sandbox of its language.
     pub prefix: PathBuf,
 }
 
@@ -306,6 +307,8 @@ mod tests {
         wall_clock_seconds = 5
         [runtimes.python]
         prefix = "/opt/airlock/runtimes/python"
+        [runtimes.r]
+        prefix = "/opt/airlock/runtimes/r"
     "#;
 
     fn err(text: &str) -> String {
@@ -321,6 +324,10 @@ mod tests {
         assert_eq!(c.limits.wall_clock_ms(), 5000);
         assert_eq!(c.limits.tmp_size_mib, 64);
         assert!(c.runtimes.contains_key(&Language::Python));
+        assert_eq!(
+            c.runtimes[&Language::R].prefix,
+            Path::new("/opt/airlock/runtimes/r")
+        );
         assert_eq!(c.last_worker_uid(), 61019);
     }
 

@@ -18,6 +18,23 @@ const HOST_FILES: &[(&str, &str)] = &[
     ("/etc/localtime", "local time zone"),
 ];
 
+/// What R needs from /etc beside [`HOST_FILES`], mounted only into R sandboxes, each
+/// with the reason. Both hold configuration and symlinks, nothing secret.
+const R_HOST_DIRS: &[(&str, &str)] = &[
+    // Debian's R_HOME/etc (/usr/lib/R/etc) is a symlink farm into /etc/R: Renviron,
+    // which R reads at every start, and ldpaths.
+    ("/etc/R", "R's own configuration (R_HOME/etc points here)"),
+    // libblas.so.3 and liblapack.so.3, which libR.so links against, are symlinks through
+    // /etc/alternatives to the BLAS/LAPACK Debian selected.
+    (
+        "/etc/alternatives",
+        "the BLAS and LAPACK libR.so links against",
+    ),
+];
+
+/// Where Debian's R lives; R_HOME in the sandbox.
+const R_HOME: &str = "/usr/lib/R";
+
 /// Merged-/usr symlinks of Debian 12: these top-level names point into /usr.
 const USR_SYMLINKS: &[(&str, &str)] = &[
     ("/bin", "usr/bin"),
@@ -65,6 +82,16 @@ pub fn spawn_request(config: &Config, call: CallSpec<'_>) -> SpawnRequest {
             });
         }
     }
+    if call.language == Language::R {
+        for (path, _why) in R_HOST_DIRS {
+            if Path::new(path).exists() {
+                ro_mounts.push(RoMount {
+                    host: path.into(),
+                    target: path.into(),
+                });
+            }
+        }
+    }
     let symlinks = USR_SYMLINKS
         .iter()
         .map(|(l, t)| (PathBuf::from(l), PathBuf::from(t)))
@@ -87,6 +114,22 @@ pub fn spawn_request(config: &Config, call: CallSpec<'_>) -> SpawnRequest {
                     .into_owned(),
             ],
             vec![],
+        ),
+        // The R binary itself, not the bin/R shell wrapper (which needs a shell, sed and
+        // uname and only sets variables we set here). --vanilla: no site or user
+        // profiles, no saved workspace; --no-echo: the shim's code is not printed.
+        Language::R => (
+            vec![
+                format!("{R_HOME}/bin/exec/R"),
+                "--vanilla".into(),
+                "--no-echo".into(),
+                "-f".into(),
+                prefix
+                    .join("shim/airlock_runtime.R")
+                    .to_string_lossy()
+                    .into_owned(),
+            ],
+            vec![("R_HOME".to_string(), R_HOME.to_string())],
         ),
     };
     // The fixed environment: nothing of the daemon's own is passed on.
@@ -120,5 +163,78 @@ pub fn spawn_request(config: &Config, call: CallSpec<'_>) -> SpawnRequest {
         // The daemon's per-call CPU accounting acts first; each process's own limit is
         // a backstop a little above it.
         cpu_rlimit_seconds: config.limits.cpu_seconds + 5,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(language: Language) -> SpawnRequest {
+        let config = Config::parse(
+            Path::new("t.toml"),
+            r#"
+                socket_path = "/run/a.sock"
+                allowed_peer_uids = [101]
+                state_dir = "/var/lib/airlock"
+                [workers]
+                first_uid = 61000
+                count = 1
+                gid = 61000
+                [runtimes.python]
+                prefix = "/opt/airlock/runtimes/python"
+                [runtimes.r]
+                prefix = "/opt/airlock/runtimes/r"
+            "#,
+        )
+        .unwrap();
+        let runtime = config.runtimes[&language].clone();
+        spawn_request(
+            &config,
+            CallSpec {
+                call_id: 1,
+                language,
+                runtime: &runtime,
+                uid: 61000,
+                gid: 61000,
+                session_dir: "/var/lib/airlock/sessions/x".into(),
+                session_target: "/sessions/x".into(),
+            },
+        )
+    }
+
+    #[test]
+    fn r_runs_the_r_binary_on_the_shim_with_r_home() {
+        let req = request(Language::R);
+        assert_eq!(
+            req.argv,
+            [
+                "/usr/lib/R/bin/exec/R",
+                "--vanilla",
+                "--no-echo",
+                "-f",
+                "/opt/airlock/runtimes/r/shim/airlock_runtime.R"
+            ]
+        );
+        assert!(req
+            .env
+            .contains(&("R_HOME".to_string(), "/usr/lib/R".to_string())));
+        let targets: Vec<_> = req.ro_mounts.iter().map(|m| m.target.clone()).collect();
+        assert!(targets.contains(&PathBuf::from("/opt/airlock/runtimes/r")));
+        if Path::new("/etc/R").exists() {
+            assert!(targets.contains(&PathBuf::from("/etc/R")));
+        }
+    }
+
+    #[test]
+    fn python_sandboxes_get_no_r_mounts() {
+        let req = request(Language::Python);
+        assert!(
+            req.ro_mounts
+                .iter()
+                .all(|m| m.target != Path::new("/etc/R")
+                    && m.target != Path::new("/etc/alternatives"))
+        );
+        assert!(req.env.iter().all(|(k, _)| k != "R_HOME"));
     }
 }
