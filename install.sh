@@ -4,6 +4,7 @@
 #   - cargo-pgrx 0.18.1 and its PostgreSQL 15 configuration
 #   - airlockd and airlock in /usr/local/bin, the extension in PostgreSQL's directories
 #   - the Python runtime (pandas, numpy, pyarrow) in /opt/airlock/runtimes/python
+#   - the R runtime (Debian's R, bit64, hms; the bridge and shim) in /opt/airlock/runtimes/r
 # Idempotent. `./install.sh --no-apt` skips the package installs.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -21,6 +22,9 @@ if [[ "${1:-}" != "--no-apt" ]]; then
     apt-get update -qq
     apt-get install -y -qq build-essential pkg-config libssl-dev libclang-dev \
         postgresql-15 postgresql-server-dev-15 sudo python3 python3-venv >/dev/null
+    # R and the two packages the R runtime's type mapping uses (integer64, hms); without
+    # recommends, which would pull in hundreds of R packages.
+    apt-get install -y -qq --no-install-recommends r-base-core r-cran-bit64 r-cran-hms >/dev/null
 fi
 
 if ! cargo pgrx --version 2>/dev/null | grep -q '0\.18\.1'; then

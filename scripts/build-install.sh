@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds Airlock from this tree and installs it: the binaries, the extension, and the
-# Python runtime. Needs what install.sh installs. Used by install.sh and by the tests,
+# Python and R runtimes. Needs what install.sh installs. Used by install.sh and by the tests,
 # so tests always run against the tree's own code.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -15,3 +15,4 @@ say "installing the extension into PostgreSQL 15"
 (cd crates/airlock-ext && cargo pgrx install --release --pg-config /usr/bin/pg_config >/dev/null)
 
 scripts/setup-python-runtime.sh
+scripts/setup-r-runtime.sh

@@ -25,6 +25,7 @@ const PORT: u16 = 5439;
 const DATABASE: &str = "airlock";
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 const RUNTIME_PREFIX: &str = "/opt/airlock/runtimes/python";
+const R_RUNTIME_PREFIX: &str = "/opt/airlock/runtimes/r";
 
 pub struct Local {
     dir: PathBuf,
@@ -236,7 +237,10 @@ impl Local {
              wall_clock_seconds = 60\n\
              \n\
              [runtimes.python]\n\
-             prefix = \"{RUNTIME_PREFIX}\"\n",
+             prefix = \"{RUNTIME_PREFIX}\"\n\
+             \n\
+             [runtimes.r]\n\
+             prefix = \"{R_RUNTIME_PREFIX}\"\n",
             sock = self.daemon_socket().display(),
             uid = self.postgres.uid,
             state = self.dir.join("state").display(),

@@ -232,6 +232,11 @@ pub fn airlock_cli_bin() -> PathBuf {
     panic!("airlock not built: run `cargo build --release -p airlock-cli` or set AIRLOCK_CLI_BIN")
 }
 
+/// Where the R runtime is installed.
+pub fn r_prefix() -> String {
+    std::env::var("AIRLOCK_R_PREFIX").unwrap_or_else(|_| "/opt/airlock/runtimes/r".into())
+}
+
 /// Where the Python runtime is installed.
 pub fn python_prefix() -> String {
     std::env::var("AIRLOCK_PYTHON_PREFIX").unwrap_or_else(|_| "/opt/airlock/runtimes/python".into())
@@ -253,7 +258,7 @@ impl Daemon {
                 "socket_path = \"{}\"\nallowed_peer_uids = [{}]\nstate_dir = \"{}\"\n\
                  [workers]\nfirst_uid = {}\ncount = {}\ngid = {}\nqueue_timeout_seconds = {}\n\
                  [limits]\nwall_clock_seconds = {}\ncpu_seconds = {}\nmemory_mib = {}\npids = {}\nsession_size_mib = 64\ntmp_size_mib = 64\n\
-                 [runtimes.python]\nprefix = \"{}\"\n",
+                 [runtimes.python]\nprefix = \"{}\"\n[runtimes.r]\nprefix = \"{}\"\n",
                 socket.display(),
                 postgres_user().uid,
                 state_dir.display(),
@@ -266,6 +271,7 @@ impl Daemon {
                 settings.memory_mib,
                 settings.pids,
                 python_prefix(),
+                r_prefix(),
             ),
         )
         .expect("writing config");
