@@ -22,6 +22,7 @@ sandbox needs nothing but the venv and this.
 """
 
 import codecs
+import decimal
 import json
 import linecache
 import os
@@ -29,8 +30,9 @@ import socket
 import sys
 import threading
 import traceback
+import uuid
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 SOCKET_FD = 3
 # Largest frame (kind byte plus payload) either side accepts; the backend's MAX_FRAME_LEN.
 MAX_FRAME_LEN = 1 << 30
@@ -114,25 +116,44 @@ def run(chan):
     try:
         start = read_start(chan)
         libs = import_libraries()
-        input_frame = read_input(chan, start, libs)
+        chunks = input_chunks(chan, start, libs)
+        first = next(chunks)
     except (ProtocolError, InputError) as e:
         raise Failure("input", type(e).__name__, str(e), "", EXIT_INPUT) from None
 
     forwarder = PrintForwarder(chan, start["max_print_bytes"])
     forwarder.start()
+    code = compile_script(start)
+    scope = new_scope(start, libs)
+    rows = 0
+    chunk_number = 0
     try:
-        try:
-            scope = run_script(start, input_frame, libs)
-            batches, rows = prepare_output(scope, start, libs)
-        finally:
-            # Printed output goes out before the outcome, whatever the outcome.
-            forwarder.stop()
-    except OutputError as e:
-        raise Failure("output", "OutputError", str(e), "", EXIT_SCRIPT) from None
-    del scope, input_frame
-
-    for batch in batches:
-        send_batch(chan, batch, libs)
+        frame = first
+        while frame is not None:
+            chunk_number += 1
+            scope[start["input_name"]] = frame
+            scope.pop(start["output_name"], None)
+            if start["rows_per_read"] is not None:
+                scope["airlock_chunk"] = chunk_number
+            del frame
+            run_script(code, scope)
+            try:
+                batches, n = prepare_output(scope, start, libs)
+            except OutputError as e:
+                raise Failure("output", "OutputError", str(e), "", EXIT_SCRIPT) from None
+            for batch in batches:
+                send_batch(chan, batch, libs)
+            rows += n
+            del batches
+            if start["rows_per_read"] is None:
+                break
+            try:
+                frame = next(chunks, None)
+            except (ProtocolError, InputError) as e:
+                raise Failure("input", type(e).__name__, str(e), "", EXIT_INPUT) from None
+    finally:
+        # Printed output goes out before the outcome, whatever the outcome.
+        forwarder.stop()
     chan.send_control({"type": "done", "rows": rows})
     return EXIT_OK
 
@@ -250,6 +271,30 @@ def read_start(chan):
         raise ProtocolError("start message: output_batch_rows must be at least 1")
     if msg["max_frame_bytes"] < 1024:
         raise ProtocolError("start message: max_frame_bytes must be at least 1024")
+    params = msg.get("params", {})
+    if not isinstance(params, dict):
+        raise ProtocolError("start message: params is not an object")
+    msg["params"] = params
+    columns = msg.get("output_columns")
+    if not isinstance(columns, list) or not all(
+        isinstance(c, dict) and isinstance(c.get("name"), str) and isinstance(c.get("type"), str)
+        for c in columns
+    ):
+        raise ProtocolError("start message: output_columns is missing or malformed")
+    out_params = msg.get("output_params")
+    if out_params is not None and (
+        not isinstance(out_params, list)
+        or not all(isinstance(n, str) for n in out_params)
+        or len(out_params) != len(columns)
+    ):
+        raise ProtocolError("start message: output_params is malformed")
+    msg["output_params"] = out_params
+    per_read = msg.get("rows_per_read")
+    if per_read is not None and (
+        not isinstance(per_read, int) or isinstance(per_read, bool) or per_read < 1
+    ):
+        raise ProtocolError("start message: rows_per_read must be a positive integer")
+    msg["rows_per_read"] = per_read
     chan.max_frame = min(MAX_FRAME_LEN, msg["max_frame_bytes"])
     return msg
 
@@ -294,11 +339,33 @@ def import_libraries():
         raise InputError(f"the Python runtime cannot import its libraries: {e!r}") from None
 
 
-def read_input(chan, start, libs):
-    """Reads Arrow frames until input_end; returns the script's input DataFrame."""
+def input_chunks(chan, start, libs):
+    """Yields the script's input DataFrames: the whole input once, or with rows_per_read
+    chunks of at most that many rows (at least one, possibly empty). Reads Arrow frames
+    until input_end as it goes."""
     pa = libs.pa
+    per_read = start["rows_per_read"]
     schema = None
-    batches = []
+    pending = []
+    pending_rows = 0
+    yielded = False
+
+    def take(n):
+        nonlocal pending, pending_rows
+        table = pa.Table.from_batches(pending, schema=schema)
+        head, rest = table.slice(0, n), table.slice(n)
+        pending = rest.to_batches() if rest.num_rows else []
+        pending_rows = rest.num_rows
+        return to_frame(head)
+
+    def to_frame(table):
+        try:
+            return table_to_frame(table, libs)
+        except (InputError, ProtocolError):
+            raise
+        except Exception as e:
+            raise InputError(f"could not build the input DataFrame: {e}") from None
+
     while True:
         frame = chan.recv_frame()
         if frame is None:
@@ -319,57 +386,54 @@ def read_input(chan, start, libs):
             raise ProtocolError(f"malformed Arrow frame: {e}") from None
         if schema is None:
             schema = stream_schema
-        elif not schema.equals(stream_schema, check_metadata=False):
+        elif not schema.equals(stream_schema, check_metadata=True):
             raise ProtocolError(
                 f"input batches disagree on the schema: first {schema}, then {stream_schema}"
             )
-        batches.extend(stream_batches)
+        for batch in stream_batches:
+            if batch.num_rows:
+                pending.append(batch)
+                pending_rows += batch.num_rows
+        while per_read is not None and pending_rows >= per_read:
+            yielded = True
+            yield take(per_read)
 
     if not start["has_input"]:
-        return libs.pd.DataFrame()
+        yield libs.pd.DataFrame()
+        return
     if schema is None:
         raise ProtocolError("has_input is true, but no input batch (not even an empty one) arrived")
-    try:
-        table = pa.Table.from_batches(batches, schema=schema)
-        del batches
-        return table_to_frame(table, libs)
-    except (InputError, ProtocolError):
-        raise
-    except Exception as e:
-        raise InputError(f"could not build the input DataFrame: {e}") from None
+    if pending_rows or not yielded:
+        yield take(pending_rows)
 
 
 def table_to_frame(table, libs):
-    """Arrow table to DataFrame with the dtypes scripts are promised:
+    """Arrow table to DataFrame, each column by its Postgres type (docs/TYPES.md):
 
-    int8..int64, uint8..uint64  numpy ints without NULLs, pandas Int16/Int32/... with
-    bool                        numpy bool without NULLs, pandas "boolean" with
-    float16/32/64               numpy float, NULL as NaN
-    utf8, large_utf8            object, Python str, NULL as None
-    anything else               pyarrow's default conversion
-    Column names are kept exactly, duplicates and order included.
+    bool, int2/4/8      numpy bool/int without NULLs, pandas boolean/Int16/... with
+    float4/8            numpy float without NULLs, pandas Float32/Float64 with (NaN and
+                        NULL stay apart)
+    numeric             object of decimal.Decimal
+    uuid                object of uuid.UUID
+    interval            object of pandas.DateOffset
+    arrays              object of Python lists, elements as above, None for NULL
+    everything else     pyarrow's conversion: str, bytes, datetime.date, datetime.time,
+                        datetime64[us] (with UTC for timestamptz)
+    Column names are kept exactly and in order.
     """
-    pa, pd, np = libs.pa, libs.pd, libs.np
+    pd = libs.pd
     columns = []
     for i, field in enumerate(table.schema):
-        col = table.column(i)
-        t = field.type
-        if pa.types.is_integer(t) or pa.types.is_boolean(t):
-            if col.null_count == 0:
-                values = col.to_numpy()
-            else:
-                fill = False if pa.types.is_boolean(t) else 0
-                data = col.fill_null(fill).to_numpy()
-                mask = col.is_null().to_numpy()
-                if pa.types.is_boolean(t):
-                    values = pd.arrays.BooleanArray(data, mask)
-                else:
-                    values = pd.arrays.IntegerArray(data, mask)
-        elif pa.types.is_string(t) or pa.types.is_large_string(t):
-            values = col.to_pandas().to_numpy(dtype=object)
-        else:
-            values = col.to_pandas().to_numpy() if pa.types.is_floating(t) else col.to_pandas()
-        columns.append(values)
+        pg_type = field_pg_type(field)
+        try:
+            columns.append(column_to_pandas(table.column(i), pg_type, libs))
+        except InputError:
+            raise
+        except Exception as e:
+            raise InputError(
+                f"column {i + 1} ({field.name!r}, {pg_type}) cannot be given to the script: "
+                f"{first_arg(e)}"
+            ) from None
     if not columns:
         return pd.DataFrame(index=pd.RangeIndex(table.num_rows))
     frame = pd.DataFrame(dict(enumerate(columns)), copy=False)
@@ -377,11 +441,76 @@ def table_to_frame(table, libs):
     return frame
 
 
+TYPE_METADATA_KEY = b"airlock.type"
+
+
+def field_pg_type(field):
+    meta = field.metadata or {}
+    t = meta.get(TYPE_METADATA_KEY)
+    if t is None:
+        raise ProtocolError(f"input column {field.name!r} carries no airlock.type")
+    return t.decode("utf-8")
+
+
+def column_to_pandas(col, pg_type, libs):
+    pa, pd, np = libs.pa, libs.pd, libs.np
+    if pg_type.endswith("[]"):
+        convert = element_converter(pg_type[:-2], libs)
+        values = np.empty(len(col), dtype=object)
+        for i, items in enumerate(col.to_pylist()):
+            values[i] = None if items is None else [convert(v) for v in items]
+        return values
+    if pg_type in ("bool", "int2", "int4", "int8", "float4", "float8"):
+        if col.null_count == 0:
+            return col.to_numpy()
+        is_float = pg_type.startswith("float")
+        fill = False if pg_type == "bool" else 0
+        # fill_null keeps NaN: only NULL slots are filled, and the mask marks them.
+        data = col.fill_null(fill).to_numpy()
+        mask = col.is_null().to_numpy()
+        if pg_type == "bool":
+            return pd.arrays.BooleanArray(data, mask)
+        if is_float:
+            return pd.arrays.FloatingArray(data, mask)
+        return pd.arrays.IntegerArray(data, mask)
+    if pg_type in ("numeric", "uuid", "interval"):
+        convert = element_converter(pg_type, libs)
+        values = np.empty(len(col), dtype=object)
+        for i, v in enumerate(col.to_pylist()):
+            values[i] = convert(v)
+        return values
+    if pg_type in ("text", "json", "jsonb", "bytea", "date", "time"):
+        return col.to_pandas().to_numpy(dtype=object)
+    if pg_type in ("timestamp", "timestamptz"):
+        return col.to_pandas()
+    raise ProtocolError(f"unknown airlock.type {pg_type!r}")
+
+
+def element_converter(pg_type, libs):
+    """Python value (as pyarrow's to_pylist gives it) to what the script sees."""
+    pd = libs.pd
+    if pg_type == "numeric":
+        return lambda v: None if v is None else decimal.Decimal(v)
+    if pg_type == "uuid":
+        return lambda v: None if v is None else uuid.UUID(bytes=bytes(v))
+    if pg_type == "interval":
+        return lambda v: (
+            None
+            if v is None
+            else pd.DateOffset(
+                months=v.months,
+                days=v.days,
+                microseconds=v.nanoseconds // 1000,
+            )
+        )
+    return lambda v: v
+
+
 # --- The script ----------------------------------------------------------------------
 
 
-def run_script(start, input_frame, libs):
-    """Runs the script; returns its globals. Raises Failure if it raised."""
+def compile_script(start):
+    """Compiles the script; raises Failure on a syntax error."""
     script = start["script"]
     # Lets tracebacks quote the script's lines; mtime None keeps checkcache from dropping it.
     linecache.cache[SCRIPT_FILENAME] = (
@@ -390,19 +519,33 @@ def run_script(start, input_frame, libs):
         script.splitlines(keepends=True),
         SCRIPT_FILENAME,
     )
+    try:
+        return compile(script, SCRIPT_FILENAME, "exec", dont_inherit=True)
+    except BaseException as e:
+        raise Failure(
+            "script", exception_name(type(e)), str(e), format_script_traceback(e), EXIT_SCRIPT
+        ) from None
+
+
+def new_scope(start, libs):
+    """The script's globals: pd, np, and the call's params."""
     scope = {
         "__name__": "__main__",
         "__builtins__": __builtins__,
         "pd": libs.pd,
         "np": libs.np,
-        start["input_name"]: input_frame,
     }
+    scope.update(start["params"])
+    return scope
+
+
+def run_script(code, scope):
+    """Runs the script in scope. Raises Failure if it raised."""
     try:
-        code = compile(script, SCRIPT_FILENAME, "exec", dont_inherit=True)
         exec(code, scope)
     except SystemExit as e:
         if e.code is None or e.code == 0:
-            return scope
+            return
         raise Failure(
             "script",
             "SystemExit",
@@ -414,7 +557,6 @@ def run_script(start, input_frame, libs):
         raise Failure(
             "script", exception_name(type(e)), str(e), format_script_traceback(e), EXIT_SCRIPT
         ) from None
-    return scope
 
 
 def exception_name(cls):
@@ -574,75 +716,155 @@ class PrintForwarder:
 
 def prepare_output(scope, start, libs):
     """The script's output as record batches of at most output_batch_rows rows, at least
-    one; returns (batches, rows)."""
+    one; returns (batches, rows). Each column is converted by its declared type."""
     pa, pd = libs.pa, libs.pd
-    name = start["output_name"]
-    if name not in scope:
-        raise OutputError(f"the script did not set {name}")
-    out = scope[name]
-    if not isinstance(out, pd.DataFrame):
-        raise OutputError(f"{name} is a {type(out).__qualname__}, not a pandas DataFrame")
-    names = [str(c) for c in out.columns]
+    columns = start["output_columns"]
+    if start["output_params"] is not None:
+        name = "output_params"
+        frame = params_frame(scope, start["output_params"], libs)
+    else:
+        name = start["output_name"]
+        if name not in scope:
+            raise OutputError(f"the script did not set {name}")
+        frame = scope[name]
+        if not isinstance(frame, pd.DataFrame):
+            raise OutputError(f"{name} is a {type(frame).__qualname__}, not a pandas DataFrame")
+    names = [str(c) for c in frame.columns]
     seen = set()
     for n in names:
         if n in seen:
             raise OutputError(f"{name} has more than one column named {n!r}")
         seen.add(n)
-    frame = out.copy(deep=False)
-    frame.columns = names
-    try:
-        table = pa.Table.from_pandas(frame, preserve_index=False)
-    except Exception as e:
-        raise OutputError(describe_conversion_error(frame, name, e, libs)) from None
-    table = table.replace_schema_metadata(None)
-    table = normalize_types(table, name, libs)
+    arrays = []
+    for i, n in enumerate(names):
+        pg_type = columns[i]["type"] if i < len(columns) else None
+        series = frame.iloc[:, i]
+        try:
+            arrays.append(column_to_arrow(series, pg_type, libs))
+        except Exception as e:
+            raise OutputError(
+                f"column {i + 1} ({n!r}) of {name} cannot be converted"
+                + (f" to {pg_type}" if pg_type else "")
+                + f": {first_arg(e)} (dtype {series.dtype})"
+            ) from None
+    if not arrays:
+        # No columns: the backend names the count mismatch.
+        return [pa.record_batch([], schema=pa.schema([]))], len(frame)
+    table = pa.Table.from_arrays(arrays, names=names)
     batches = [b for b in table.to_batches(max_chunksize=start["output_batch_rows"]) if b.num_rows]
     if not batches:
         batches = [
             pa.record_batch([pa.array([], type=f.type) for f in table.schema], schema=table.schema)
         ]
-    return batches, sum(b.num_rows for b in batches)
+    return batches, len(frame)
 
 
-def describe_conversion_error(frame, name, err, libs):
-    """Finds the column pyarrow choked on so the message can name it."""
-    pa = libs.pa
-    for i, col in enumerate(frame.columns):
-        try:
-            pa.Array.from_pandas(frame.iloc[:, i])
-        except Exception as e:
-            return (
-                f"column {i + 1} ({col!r}) of {name} cannot be converted to Arrow: "
-                f"{first_arg(e)} (dtype {frame.iloc[:, i].dtype})"
+def params_frame(scope, names, libs):
+    """One row: column i is the script variable names[i]."""
+    pd, np = libs.pd, libs.np
+    data = {}
+    for n in names:
+        if n not in scope:
+            raise OutputError(f"the script did not set {n}, named in output_params")
+        value = scope[n]
+        if isinstance(value, (pd.DataFrame, pd.Series)):
+            raise OutputError(
+                f"{n} is a {type(value).__qualname__}; an output parameter holds one value"
             )
-    return f"{name} cannot be converted to Arrow: {first_arg(err)}"
+        if isinstance(value, (str, bytes, bytearray, list, tuple, dict, np.ndarray)):
+            # Kept whole in one object cell (a list is one array value, not a column).
+            cell = np.empty(1, dtype=object)
+            cell[0] = value
+            data[n] = pd.Series(cell)
+        else:
+            data[n] = pd.Series([value])
+    return pd.DataFrame(data)
 
 
 def first_arg(e):
     return str(e.args[0]) if len(e.args) >= 1 else str(e)
 
 
-def normalize_types(table, name, libs):
-    """Fewer Arrow types for the backend to know: large_string becomes string,
-    large_binary becomes binary, dictionary (pandas category) becomes its values."""
-    pa = libs.pa
-    fields = []
-    for field in table.schema:
-        t = field.type
-        if pa.types.is_dictionary(t):
-            t = t.value_type
-        if pa.types.is_large_string(t):
-            t = pa.string()
-        elif pa.types.is_large_binary(t):
-            t = pa.binary()
-        fields.append(field.with_type(t))
-    target = pa.schema(fields)
-    if target.equals(table.schema):
-        return table
-    try:
-        return table.cast(target)
-    except Exception as e:
-        raise OutputError(f"{name} cannot be converted to Arrow: {first_arg(e)}") from None
+def column_to_arrow(series, pg_type, libs):
+    """One output column as an Arrow array, converted toward its declared type."""
+    pa, pd, np = libs.pa, libs.pd, libs.np
+    dtype = series.dtype
+    if isinstance(dtype, pd.CategoricalDtype):
+        series = series.astype(dtype.categories.dtype if len(dtype.categories) else object)
+        dtype = series.dtype
+    base = pg_type[:-2] if pg_type and pg_type.endswith("[]") else pg_type
+    is_array = pg_type is not None and pg_type.endswith("[]")
+    if dtype == object:
+        if is_array:
+            convert = output_element_converter(base, libs)
+            values = [
+                None if is_missing(v, pd) else [None if is_missing(x, pd) else convert(x) for x in v]
+                for v in series.tolist()
+            ]
+            return pa.array(values, from_pandas=False)
+        convert = output_element_converter(base, libs)
+        values = [None if is_missing(v, pd) else convert(v) for v in series.tolist()]
+        if base == "uuid" and all(v is None or isinstance(v, bytes) for v in values):
+            return pa.array(values, type=pa.binary(16))
+        return pa.array(values, from_pandas=False)
+    if base == "date" and pd.api.types.is_datetime64_any_dtype(dtype):
+        # A datetime column into a date column: only whole days pass.
+        return pa.array(series).cast(pa.date32(), safe=True)
+    if isinstance(dtype, np.dtype) and dtype.kind == "f":
+        # NaN is a value here, not a NULL.
+        return pa.array(series.to_numpy(), from_pandas=False)
+    arr = pa.array(series, from_pandas=True)
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    if pa.types.is_large_string(arr.type):
+        arr = arr.cast(pa.string())
+    elif pa.types.is_large_binary(arr.type):
+        arr = arr.cast(pa.binary())
+    return arr
+
+
+def is_missing(v, pd):
+    return v is None or v is pd.NA or v is pd.NaT
+
+
+def output_element_converter(pg_type, libs):
+    """A Python value toward what the backend accepts for pg_type (docs/TYPES.md)."""
+    np = libs.np
+    if pg_type == "numeric":
+
+        def numeric(v):
+            if isinstance(v, (decimal.Decimal, int, np.integer)) and not isinstance(v, bool):
+                return str(v)
+            if isinstance(v, (float, np.floating)):
+                f = float(v)
+                if f != f:
+                    return "NaN"
+                if f in (float("inf"), float("-inf")):
+                    return "Infinity" if f > 0 else "-Infinity"
+                return repr(f)
+            return v
+
+        return numeric
+    if pg_type == "uuid":
+        return lambda v: v.bytes if isinstance(v, uuid.UUID) else v
+    if pg_type in ("json", "jsonb"):
+        return lambda v: v if isinstance(v, str) else json.dumps(plain(v, np), allow_nan=False)
+    if pg_type == "bytea":
+        return lambda v: bytes(v) if isinstance(v, (bytearray, memoryview)) else v
+    return lambda v: v.item() if isinstance(v, np.generic) else v
+
+
+def plain(v, np):
+    """numpy scalars and arrays inside a JSON value as Python ones."""
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, dict):
+        return {k: plain(x, np) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [plain(x, np) for x in v]
+    return v
 
 
 def send_batch(chan, batch, libs):

@@ -17,7 +17,7 @@ use std::{
 use airlock_protocol::{
     control::{Caller, Language, Outcome, Reply, Request},
     data::{FromRuntime, ToRuntime},
-    encode_control, FrameKind, PROTOCOL_VERSION,
+    encode_control, Frame, FrameKind, PROTOCOL_VERSION,
 };
 use pgrx::pg_sys;
 use sha2::{Digest, Sha256};
@@ -46,6 +46,12 @@ pub struct CallArgs<'a> {
     pub input_query: Option<&'a str>,
     pub input_name: Option<&'a str>,
     pub output_name: Option<&'a str>,
+    /// The `params` jsonb, as JSON.
+    pub params: Option<serde_json::Value>,
+    /// `rows_per_read`: run the script once per chunk of this many input rows.
+    pub rows_per_read: Option<i64>,
+    /// `output_params`: the output is one row of these script variables.
+    pub output_params: Option<Vec<Option<String>>>,
 }
 
 /// Runs one call and fills the function's result set (materialize mode).
@@ -231,8 +237,14 @@ impl Input {
         }
     }
 
-    /// Streams every row to the runtime, `batch_rows` at a time.
-    fn stream(&mut self, data: &mut Channel, batch_rows: i64) -> Result<u64, CallError> {
+    /// Streams every row to the runtime, `batch_rows` at a time, handing whatever the
+    /// runtime sends meanwhile to `on_frame`.
+    fn stream(
+        &mut self,
+        data: &mut Channel,
+        batch_rows: i64,
+        on_frame: &mut dyn FnMut(Frame) -> Result<(), CallError>,
+    ) -> Result<u64, CallError> {
         let mut total = 0u64;
         let mut sent_any = false;
         loop {
@@ -257,11 +269,11 @@ impl Input {
                     }
                     // SAFETY: tuple belongs to the table described by tupdesc, the
                     // cursor's descriptor the encoder was planned from.
-                    unsafe { self.encoder.append(tuple, tupdesc) };
+                    unsafe { self.encoder.append(tuple, tupdesc, total + i as u64 + 1) }?;
                     if self.encoder.approx_bytes() >= BATCH_BYTES {
                         // Wide rows or huge values: ship what we have before going on,
                         // so a batch never outgrows the memory budget or a frame.
-                        data.send(&self.encoder.finish_frame()?, None)?;
+                        data.send_reading(&self.encoder.finish_frame()?, on_frame)?;
                         sent_any = true;
                     }
                 }
@@ -274,7 +286,7 @@ impl Input {
             let done = n < batch_rows as u64;
             if self.encoder.rows() > 0 || (done && !sent_any) {
                 // The last batch may be empty: it still carries the schema.
-                data.send(&self.encoder.finish_frame()?, None)?;
+                data.send_reading(&self.encoder.finish_frame()?, on_frame)?;
                 sent_any = true;
             }
             if done {
@@ -471,6 +483,226 @@ impl Printer {
     }
 }
 
+/// Where everything the runtime sends goes: prints become NOTICEs, output batches become
+/// rows in the result's tuplestore as they arrive. It may be fed while input is still
+/// being sent (chunked scripts answer early).
+struct OutputSink<'a> {
+    printer: Printer,
+    decoder: OutputDecoder,
+    result: &'a ResultSet,
+    rows_out: u64,
+    /// Per-batch memory for the Datums of one batch; reset after each.
+    batch_cx: pgrx::PgMemoryContexts,
+    done: bool,
+}
+
+impl OutputSink<'_> {
+    /// Handles one frame from the runtime. A script error comes back as
+    /// `Err(CallError::Script)`.
+    fn handle(&mut self, frame: Frame) -> Result<(), CallError> {
+        if self.done {
+            return Err(CallError::Protocol {
+                peer: Peer::Runtime,
+                message: "a message after done".into(),
+            });
+        }
+        match frame.kind {
+            FrameKind::Arrow => {
+                let reader = arrow_ipc::reader::StreamReader::try_new(
+                    std::io::Cursor::new(frame.payload),
+                    None,
+                )
+                .map_err(|e| CallError::Protocol {
+                    peer: Peer::Runtime,
+                    message: format!("bad output batch: {e}"),
+                })?;
+                self.decoder.check_schema(&reader.schema())?;
+                for batch in reader {
+                    pgrx::check_for_interrupts!();
+                    let batch = batch.map_err(|e| CallError::Protocol {
+                        peer: Peer::Runtime,
+                        message: format!("bad output batch: {e}"),
+                    })?;
+                    let (decoder, result, rows_out) =
+                        (&mut self.decoder, self.result, self.rows_out);
+                    // SAFETY: tupstore/tupdesc belong to this call's result set; the
+                    // Datums made in batch_cx are copied by tuplestore_putvalues, so
+                    // resetting it after the batch frees nothing still in use.
+                    unsafe {
+                        self.batch_cx.switch_to(|_| {
+                            decoder.put_batch(&batch, result.tupstore, result.tupdesc, rows_out)
+                        })?;
+                        self.batch_cx.reset();
+                    }
+                    self.rows_out += batch.num_rows() as u64;
+                }
+                Ok(())
+            }
+            FrameKind::Control => {
+                let msg: FromRuntime = frame.control().map_err(|e| CallError::Protocol {
+                    peer: Peer::Runtime,
+                    message: e.to_string(),
+                })?;
+                match msg {
+                    FromRuntime::Print { text } => {
+                        self.printer.print(&text);
+                        Ok(())
+                    }
+                    FromRuntime::ScriptError {
+                        phase,
+                        error_type,
+                        message,
+                        traceback,
+                    } => Err(CallError::Script {
+                        error_type,
+                        message,
+                        traceback,
+                        phase,
+                    }),
+                    FromRuntime::Done { .. } => {
+                        self.done = true;
+                        Ok(())
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A script variable name: ASCII letters, digits and underscores, not starting with a
+/// digit — an identifier in both Python and R (with backticks for a leading underscore).
+fn is_variable_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && name.len() <= 63
+}
+
+/// Names the runtime sets itself, which params must not shadow.
+const RESERVED_NAMES: &[&str] = &["airlock_chunk"];
+
+/// Checks params, output_params and rows_per_read; returns them as the start message
+/// carries them.
+#[allow(clippy::type_complexity)]
+fn check_arguments(
+    args: &CallArgs<'_>,
+    input_name: &str,
+    output_name: &str,
+    declared_columns: usize,
+) -> Result<
+    (
+        serde_json::Map<String, serde_json::Value>,
+        Option<Vec<String>>,
+        Option<u64>,
+    ),
+    CallError,
+> {
+    let bad = |message: String, hint: Option<&str>| CallError::BadArgument {
+        message,
+        hint: hint.map(str::to_owned),
+    };
+    for (what, name) in [
+        ("input_data_1_name", input_name),
+        ("output_data_1_name", output_name),
+    ] {
+        if !is_variable_name(name) {
+            return Err(bad(
+                format!("{what} \"{name}\" is not a valid variable name"),
+                Some("Use letters, digits and underscores, not starting with a digit."),
+            ));
+        }
+    }
+    let params = match &args.params {
+        None | Some(serde_json::Value::Null) => serde_json::Map::new(),
+        Some(serde_json::Value::Object(map)) => map.clone(),
+        Some(other) => {
+            return Err(bad(
+                format!(
+                    "params must be a JSON object, got {}",
+                    match other {
+                        serde_json::Value::Array(_) => "an array",
+                        serde_json::Value::String(_) => "a string",
+                        serde_json::Value::Number(_) => "a number",
+                        _ => "a boolean",
+                    }
+                ),
+                Some(r#"params => '{"alpha": 0.5, "n": 10}'"#),
+            ))
+        }
+    };
+    for name in params.keys() {
+        if !is_variable_name(name) {
+            return Err(bad(
+                format!("params member \"{name}\" is not a valid variable name"),
+                Some("Use letters, digits and underscores, not starting with a digit."),
+            ));
+        }
+        if name == input_name || name == output_name || RESERVED_NAMES.contains(&name.as_str()) {
+            return Err(bad(
+                format!("params member \"{name}\" would replace a variable airlock sets"),
+                None,
+            ));
+        }
+    }
+    let output_params = match &args.output_params {
+        None => None,
+        Some(names) => {
+            if names.is_empty() {
+                return Err(bad(
+                    "output_params must name at least one script variable".into(),
+                    Some("output_params => ARRAY['model', 'rmse']"),
+                ));
+            }
+            let mut out = Vec::with_capacity(names.len());
+            for (i, name) in names.iter().enumerate() {
+                let Some(name) = name else {
+                    return Err(bad(
+                        format!("output_params element {} is NULL", i + 1),
+                        None,
+                    ));
+                };
+                if !is_variable_name(name) {
+                    return Err(bad(
+                        format!(
+                            "output_params element {} (\"{name}\") is not a valid variable name",
+                            i + 1
+                        ),
+                        None,
+                    ));
+                }
+                if out.contains(name) {
+                    return Err(bad(format!("output_params names \"{name}\" twice"), None));
+                }
+                out.push(name.clone());
+            }
+            if out.len() != declared_columns {
+                return Err(bad(
+                    format!(
+                        "output_params names {} variable{}, the column definition list declares {} column{}",
+                        out.len(),
+                        if out.len() == 1 { "" } else { "s" },
+                        declared_columns,
+                        if declared_columns == 1 { "" } else { "s" },
+                    ),
+                    Some("Declare one column per output parameter, in the same order."),
+                ));
+            }
+            Some(out)
+        }
+    };
+    let rows_per_read = match args.rows_per_read {
+        None => None,
+        Some(n) if n >= 1 => Some(n as u64),
+        Some(n) => {
+            return Err(bad(
+                format!("rows_per_read must be at least 1, got {n}"),
+                None,
+            ))
+        }
+    };
+    Ok((params, output_params, rows_per_read))
+}
+
 /// # Safety
 /// `fcinfo` must be valid.
 unsafe fn run(fcinfo: pg_sys::FunctionCallInfo, args: CallArgs<'_>) -> Result<(), CallError> {
@@ -489,15 +721,34 @@ unsafe fn run(fcinfo: pg_sys::FunctionCallInfo, args: CallArgs<'_>) -> Result<()
     let output_name = args.output_name.unwrap_or("OutputDataSet");
     let input_query = args.input_query.filter(|q| !q.trim().is_empty());
 
-    // 2. The caller's column definition list decides the output; check it before any
-    //    work is done.
+    // 2. The caller's column definition list decides the output; check it and the
+    //    other arguments before any work is done.
     // SAFETY: forwarded from the caller.
     let result = unsafe { ResultSet::new(fcinfo)? };
     let batch_rows = gucs::BATCH_ROWS.get().max(1) as i64;
     // SAFETY: result.tupdesc is a valid copy of the expected descriptor, and the
     // per-query context outlives this call.
-    let mut output =
+    let decoder =
         unsafe { OutputDecoder::new(result.tupdesc, batch_rows as usize, result.per_query)? };
+    let output_columns = decoder.columns();
+    let (params, output_params, rows_per_read) =
+        check_arguments(&args, input_name, output_name, output_columns.len())?;
+
+    // The sink's batch context is made here, before SPI_connect: a context made inside
+    // the SPI connection would be deleted by SPI_finish under the sink's feet.
+    let max_print = gucs::MAX_PRINT_BYTES.get().max(0) as usize;
+    let mut sink = OutputSink {
+        printer: Printer {
+            limit: max_print,
+            shown: 0,
+            dropped: 0,
+        },
+        decoder,
+        result: &result,
+        rows_out: 0,
+        batch_cx: pgrx::PgMemoryContexts::new("airlock output batch"),
+        done: false,
+    };
 
     // 3. Plan the input query as the calling role, before a sandbox exists.
     // SAFETY: SPI_connect has no preconditions inside a function call. Every early
@@ -519,8 +770,8 @@ unsafe fn run(fcinfo: pg_sys::FunctionCallInfo, args: CallArgs<'_>) -> Result<()
         mut data,
     } = start_session(language, script)?;
 
-    // 5. Hand the runtime the script, then the input rows.
-    let max_print = gucs::MAX_PRINT_BYTES.get().max(0) as usize;
+    // 5. Hand the runtime the script, then the input rows; whatever it sends meanwhile
+    //    (prints, rows of finished chunks) is taken as it comes.
     let start = ToRuntime::Start {
         version: PROTOCOL_VERSION,
         script: script.to_owned(),
@@ -530,107 +781,82 @@ unsafe fn run(fcinfo: pg_sys::FunctionCallInfo, args: CallArgs<'_>) -> Result<()
         max_print_bytes: max_print as u64,
         output_batch_rows: batch_rows as u64,
         max_frame_bytes: crate::channel::RUNTIME_MAX_FRAME as u64,
+        params,
+        output_columns,
+        output_params,
+        rows_per_read,
     };
     let sent = (|| -> Result<u64, CallError> {
-        data.send(&encode(&start)?, None)?;
+        let mut on_frame = |frame: Frame| sink.handle(frame);
+        data.send_reading(&encode(&start)?, &mut on_frame)?;
         let rows_in = match input.as_mut() {
-            Some(inp) => inp.stream(&mut data, batch_rows)?,
+            Some(inp) => inp.stream(&mut data, batch_rows, &mut on_frame)?,
             None => 0,
         };
-        data.send(&encode(&ToRuntime::InputEnd)?, None)?;
+        data.send_reading(&encode(&ToRuntime::InputEnd)?, &mut on_frame)?;
         Ok(rows_in)
     })();
     let rows_in = match sent {
         Ok(rows_in) => rows_in,
-        Err(CallError::PeerGone { .. }) => return Err(failure_after_send(&mut data, &mut control)),
+        Err(e @ CallError::Script { .. }) => {
+            return Err(script_failed(e, &sink, &mut control, 0));
+        }
+        Err(CallError::PeerGone { .. }) => {
+            sink.printer.finish();
+            return Err(failure_after_send(&mut data, &mut control));
+        }
         Err(e) => return Err(e),
     };
+    if sink.done {
+        return Err(CallError::Protocol {
+            peer: Peer::Runtime,
+            message: "done before all input was sent".into(),
+        });
+    }
     if let Some(inp) = input.take() {
         inp.close();
     }
     // SAFETY: balanced with the SPI_connect above.
     unsafe { pg_sys::SPI_finish() };
 
-    // 6. Read what the script printed and produced.
-    let mut printer = Printer {
-        limit: max_print,
-        shown: 0,
-        dropped: 0,
-    };
-    let mut rows_out = 0u64;
-    let mut out_cx = pgrx::PgMemoryContexts::new("airlock output batch");
-    loop {
+    // 6. Read the rest of what the script printed and produced.
+    while !sink.done {
         let Some(frame) = data.recv(None)? else {
             // The runtime ended without saying it was done.
-            printer.finish();
+            sink.printer.finish();
             return Err(outcome_error(ended(&mut control)?));
         };
-        match frame.kind {
-            FrameKind::Arrow => {
-                let reader = arrow_ipc::reader::StreamReader::try_new(
-                    std::io::Cursor::new(frame.payload),
-                    None,
-                )
-                .map_err(|e| CallError::Protocol {
-                    peer: Peer::Runtime,
-                    message: format!("bad output batch: {e}"),
-                })?;
-                output.check_schema(&reader.schema())?;
-                for batch in reader {
-                    pgrx::check_for_interrupts!();
-                    let batch = batch.map_err(|e| CallError::Protocol {
-                        peer: Peer::Runtime,
-                        message: format!("bad output batch: {e}"),
-                    })?;
-                    // SAFETY: tupstore/tupdesc belong to this call's result set; the
-                    // Datums made in out_cx are copied by tuplestore_putvalues, so
-                    // resetting it after the batch frees nothing still in use.
-                    unsafe {
-                        out_cx.switch_to(|_| {
-                            output.put_batch(&batch, result.tupstore, result.tupdesc, rows_out)
-                        })?;
-                        out_cx.reset();
-                    }
-                    rows_out += batch.num_rows() as u64;
-                }
+        match sink.handle(frame) {
+            Ok(()) => {}
+            Err(e @ CallError::Script { .. }) => {
+                return Err(script_failed(e, &sink, &mut control, rows_in))
             }
-            FrameKind::Control => {
-                let msg: FromRuntime = frame.control().map_err(|e| CallError::Protocol {
-                    peer: Peer::Runtime,
-                    message: e.to_string(),
-                })?;
-                match msg {
-                    FromRuntime::Print { text } => printer.print(&text),
-                    FromRuntime::ScriptError {
-                        phase,
-                        error_type,
-                        message,
-                        traceback,
-                    } => {
-                        printer.finish();
-                        report(&mut control, rows_in, 0);
-                        // Let the daemon see the runtime exit before we fail the call.
-                        let _ = ended(&mut control);
-                        return Err(CallError::Script {
-                            error_type,
-                            message,
-                            traceback,
-                            phase,
-                        });
-                    }
-                    FromRuntime::Done { .. } => break,
-                }
-            }
+            Err(e) => return Err(e),
         }
     }
-    printer.finish();
-    report(&mut control, rows_in, rows_out);
+    sink.printer.finish();
+    report(&mut control, rows_in, sink.rows_out);
 
     // 7. The daemon confirms the sandbox is gone.
     match ended(&mut control)? {
         Outcome::Exited { code: 0 } => {}
         other => return Err(outcome_error(other)),
     }
+    drop(sink);
     result.finish();
     Ok(())
+}
+
+/// The script failed: flush its printed output, tell the daemon, and let it see the
+/// runtime exit before the call fails.
+fn script_failed(
+    error: CallError,
+    sink: &OutputSink<'_>,
+    control: &mut Channel,
+    rows_in: u64,
+) -> CallError {
+    sink.printer.finish();
+    report(control, rows_in, 0);
+    let _ = ended(control);
+    error
 }

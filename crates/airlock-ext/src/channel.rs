@@ -43,9 +43,10 @@ impl Peer {
 }
 
 /// Largest frame the backend accepts from the runtime. The runtime is untrusted and each
-/// frame is held in memory outside Postgres' memory contexts, so this is far below the
-/// protocol's limit; the runtime is told it in `Start` and splits larger batches.
-pub const RUNTIME_MAX_FRAME: usize = 64 << 20;
+/// frame is held in memory outside Postgres' memory contexts, so this is below the
+/// protocol's limit; the runtime is told it in `Start` and splits larger batches. It
+/// bounds one output row: room for a 200 MB value.
+pub const RUNTIME_MAX_FRAME: usize = 256 << 20;
 
 /// Largest frame the backend accepts from the daemon (only small control messages).
 const DAEMON_MAX_FRAME: usize = 1 << 20;
@@ -65,21 +66,32 @@ pub struct Channel {
 
 /// What a wait ended with.
 enum Ready {
-    Socket,
+    /// The socket is ready for what was asked (both, if both were).
+    Socket {
+        readable: bool,
+    },
     Timeout,
 }
 
-/// Waits until `fd` is readable (or writable), the timeout passes, or an interrupt is
-/// pending, in which case this does not return: CHECK_FOR_INTERRUPTS raises the ERROR.
-fn wait(fd: RawFd, writable: bool, deadline: Option<Instant>) -> Ready {
+/// What to wait for.
+#[derive(Clone, Copy)]
+enum Want {
+    Read,
+    Write,
+    Either,
+}
+
+/// Waits until `fd` is ready as wanted, the timeout passes, or an interrupt is pending,
+/// in which case this does not return: CHECK_FOR_INTERRUPTS raises the ERROR.
+fn wait(fd: RawFd, want: Want, deadline: Option<Instant>) -> Ready {
     loop {
         // An interrupt may already be pending (the latch was reset by an earlier wait).
         pgrx::check_for_interrupts!();
         let mut events = pg_sys::WL_LATCH_SET | pg_sys::WL_EXIT_ON_PM_DEATH;
-        events |= if writable {
-            pg_sys::WL_SOCKET_WRITEABLE
-        } else {
-            pg_sys::WL_SOCKET_READABLE
+        events |= match want {
+            Want::Read => pg_sys::WL_SOCKET_READABLE,
+            Want::Write => pg_sys::WL_SOCKET_WRITEABLE,
+            Want::Either => pg_sys::WL_SOCKET_READABLE | pg_sys::WL_SOCKET_WRITEABLE,
         };
         let timeout_ms: i64 = match deadline {
             Some(d) => {
@@ -110,7 +122,9 @@ fn wait(fd: RawFd, writable: bool, deadline: Option<Instant>) -> Ready {
             pgrx::check_for_interrupts!();
         }
         if rc & (pg_sys::WL_SOCKET_READABLE | pg_sys::WL_SOCKET_WRITEABLE) != 0 {
-            return Ready::Socket;
+            return Ready::Socket {
+                readable: rc & pg_sys::WL_SOCKET_READABLE != 0,
+            };
         }
         if rc & pg_sys::WL_TIMEOUT != 0 {
             return Ready::Timeout;
@@ -203,7 +217,7 @@ impl Channel {
             ) {
                 Ok(n) => sent += n,
                 Err(Errno::EAGAIN) | Err(Errno::EINTR) => {
-                    if let Ready::Timeout = wait(self.sock.as_raw_fd(), true, deadline) {
+                    if let Ready::Timeout = wait(self.sock.as_raw_fd(), Want::Write, deadline) {
                         return Err(CallError::PeerTimeout {
                             peer: self.peer,
                             what: "accept data",
@@ -222,6 +236,86 @@ impl Channel {
             }
         }
         Ok(())
+    }
+
+    /// Sends all of `bytes` with no deadline, handing every frame that arrives meanwhile
+    /// to `on_frame`: a peer that writes while we write (printed output, output rows of
+    /// an earlier chunk) cannot deadlock us. `Err(PeerGone)` if the peer closed its end.
+    pub fn send_reading(
+        &mut self,
+        bytes: &[u8],
+        on_frame: &mut dyn FnMut(Frame) -> Result<(), CallError>,
+    ) -> Result<(), CallError> {
+        let mut sent = 0;
+        while sent < bytes.len() {
+            let iov = [IoSlice::new(&bytes[sent..])];
+            match sendmsg::<()>(
+                self.sock.as_raw_fd(),
+                &iov,
+                &[],
+                MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
+                None,
+            ) {
+                Ok(n) => sent += n,
+                Err(Errno::EAGAIN) | Err(Errno::EINTR) => {
+                    let want = if self.eof { Want::Write } else { Want::Either };
+                    if let Ready::Socket { readable: true } =
+                        wait(self.sock.as_raw_fd(), want, None)
+                    {
+                        self.read_available(on_frame)?;
+                    }
+                }
+                Err(Errno::EPIPE) | Err(Errno::ECONNRESET) => {
+                    return Err(CallError::PeerGone { peer: self.peer })
+                }
+                Err(source) => {
+                    return Err(CallError::Io {
+                        peer: self.peer,
+                        source,
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads what is there without waiting and hands each complete frame to `on_frame`.
+    fn read_available(
+        &mut self,
+        on_frame: &mut dyn FnMut(Frame) -> Result<(), CallError>,
+    ) -> Result<(), CallError> {
+        if self.buf.is_empty() {
+            self.buf = vec![0u8; READ_CHUNK];
+        }
+        let mut buf = std::mem::take(&mut self.buf);
+        let got = self.recv_some(&mut buf);
+        if let Ok(n) = got {
+            self.dec.extend(&buf[..n]);
+        }
+        self.buf = buf;
+        match got {
+            // End of stream: the next send sees EPIPE, and recv() reports what is left.
+            Ok(0) | Err(Errno::ECONNRESET) => self.eof = true,
+            Ok(_) | Err(Errno::EAGAIN) | Err(Errno::EINTR) => {}
+            Err(source) => {
+                return Err(CallError::Io {
+                    peer: self.peer,
+                    source,
+                })
+            }
+        }
+        loop {
+            match self.dec.next_frame() {
+                Ok(Some(frame)) => on_frame(frame)?,
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    return Err(CallError::Protocol {
+                        peer: self.peer,
+                        message: e.to_string(),
+                    })
+                }
+            }
+        }
     }
 
     /// Receives the next frame; `Ok(None)` at end of stream.
@@ -259,7 +353,7 @@ impl Channel {
                 Ok(0) => self.eof = true,
                 Ok(_) => {}
                 Err(Errno::EAGAIN) | Err(Errno::EINTR) => {
-                    if let Ready::Timeout = wait(self.sock.as_raw_fd(), false, deadline) {
+                    if let Ready::Timeout = wait(self.sock.as_raw_fd(), Want::Read, deadline) {
                         return Err(CallError::PeerTimeout {
                             peer: self.peer,
                             what: "answer",

@@ -27,6 +27,36 @@ pub enum CallError {
         name: String,
         type_name: String,
     },
+    /// One input value has no lossless equivalent in the script (date infinity, say).
+    InputValue {
+        column: usize,
+        name: String,
+        row: u64,
+        type_name: String,
+        reason: String,
+    },
+    /// Postgres raised converting one output value (column is the index in the
+    /// declared list); turned into [`CallError::Postgres`] with the place in DETAIL.
+    AtOutputValue {
+        code: PgSqlErrorCode,
+        message: String,
+        detail: Option<String>,
+        hint: Option<String>,
+        row: u64,
+        column: usize,
+    },
+    /// An error Postgres raised, raised again with more to say.
+    Postgres {
+        code: PgSqlErrorCode,
+        message: String,
+        detail: Option<String>,
+        hint: Option<String>,
+    },
+    /// A call argument is wrong (params, output_params, rows_per_read, names).
+    BadArgument {
+        message: String,
+        hint: Option<String>,
+    },
     DuplicateInputColumn {
         name: String,
         first: usize,
@@ -175,6 +205,20 @@ impl CallError {
                 format!("column {column} (\"{name}\") of the input query has type {type_name}, which airlock cannot pass to a script"),
                 Some(format!("Supported input types: {}.", crate::convert::SUPPORTED_TYPES)),
                 Some("Cast the column to a supported type in the input query.".into()),
+            ),
+            CallError::InputValue { column, name, row, type_name, reason } => (
+                ERRCODE_DATETIME_FIELD_OVERFLOW,
+                format!("row {row} of the input query cannot be passed to the script: its column {column} (\"{name}\", {type_name}) holds a value that {reason}"),
+                None,
+                Some("Filter or convert the value in the input query.".into()),
+            ),
+            CallError::AtOutputValue { code, message, detail, hint, .. }
+            | CallError::Postgres { code, message, detail, hint } => (code, message, detail, hint),
+            CallError::BadArgument { message, hint } => (
+                ERRCODE_INVALID_PARAMETER_VALUE,
+                message,
+                None,
+                hint,
             ),
             CallError::DuplicateInputColumn { name, first, second } => (
                 ERRCODE_DUPLICATE_COLUMN,

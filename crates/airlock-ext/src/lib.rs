@@ -31,10 +31,14 @@ BEGIN
     IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'airlock_python_executor') THEN
         CREATE ROLE airlock_python_executor NOLOGIN;
     END IF;
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'airlock_r_executor') THEN
+        CREATE ROLE airlock_r_executor NOLOGIN;
+    END IF;
 END
 $$;
 COMMENT ON ROLE airlock_script_executor IS 'May run airlock external scripts in every language';
 COMMENT ON ROLE airlock_python_executor IS 'May run airlock external scripts in Python';
+COMMENT ON ROLE airlock_r_executor IS 'May run airlock external scripts in R';
 COMMENT ON SCHEMA airlock IS 'Airlock: sandboxed scripts next to your data';
 -- Anyone may see the functions; who may run scripts is checked inside them.
 GRANT USAGE ON SCHEMA airlock TO PUBLIC;
@@ -57,19 +61,24 @@ CREATE FUNCTION airlock.execute_external_script(
     script text,
     input_data_1 text DEFAULT NULL,
     input_data_1_name text DEFAULT 'InputDataSet',
-    output_data_1_name text DEFAULT 'OutputDataSet'
+    output_data_1_name text DEFAULT 'OutputDataSet',
+    params jsonb DEFAULT NULL,
+    rows_per_read bigint DEFAULT NULL
 ) RETURNS SETOF record
 VOLATILE CALLED ON NULL INPUT PARALLEL UNSAFE
 LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
-COMMENT ON FUNCTION airlock.execute_external_script(text, text, text, text, text) IS
+COMMENT ON FUNCTION airlock.execute_external_script(text, text, text, text, text, jsonb, bigint) IS
     'Runs a script in a sandbox; its output data frame comes back as rows';
 "#)]
+#[allow(clippy::too_many_arguments)]
 fn execute_external_script(
     language: Option<&str>,
     script: Option<&str>,
     input_data_1: Option<&str>,
     input_data_1_name: Option<&str>,
     output_data_1_name: Option<&str>,
+    params: Option<pgrx::JsonB>,
+    rows_per_read: Option<i64>,
     fcinfo: pg_sys::FunctionCallInfo,
 ) {
     // SAFETY: fcinfo is this function's own call info, passed by pgrx.
@@ -82,6 +91,9 @@ fn execute_external_script(
                 input_query: input_data_1,
                 input_name: input_data_1_name,
                 output_name: output_data_1_name,
+                params: params.map(|p| p.0),
+                rows_per_read,
+                output_params: None,
             },
         )
     }
@@ -94,19 +106,24 @@ CREATE FUNCTION airlock.sp_execute_external_script(
     script text,
     input_data_1 text DEFAULT NULL,
     input_data_1_name text DEFAULT 'InputDataSet',
-    output_data_1_name text DEFAULT 'OutputDataSet'
+    output_data_1_name text DEFAULT 'OutputDataSet',
+    params jsonb DEFAULT NULL,
+    rows_per_read bigint DEFAULT NULL
 ) RETURNS SETOF record
 VOLATILE CALLED ON NULL INPUT PARALLEL UNSAFE
 LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
-COMMENT ON FUNCTION airlock.sp_execute_external_script(text, text, text, text, text) IS
+COMMENT ON FUNCTION airlock.sp_execute_external_script(text, text, text, text, text, jsonb, bigint) IS
     'Alias of airlock.execute_external_script, for people coming from SQL Server';
 "#, requires = [execute_external_script])]
+#[allow(clippy::too_many_arguments)]
 fn sp_execute_external_script(
     language: Option<&str>,
     script: Option<&str>,
     input_data_1: Option<&str>,
     input_data_1_name: Option<&str>,
     output_data_1_name: Option<&str>,
+    params: Option<pgrx::JsonB>,
+    rows_per_read: Option<i64>,
     fcinfo: pg_sys::FunctionCallInfo,
 ) {
     execute_external_script(
@@ -115,6 +132,52 @@ fn sp_execute_external_script(
         input_data_1,
         input_data_1_name,
         output_data_1_name,
+        params,
+        rows_per_read,
         fcinfo,
     )
+}
+
+/// Runs a script and returns one row of its variables named by output_params (SQL
+/// Server's @params … OUTPUT).
+#[pg_extern(sql = r#"
+CREATE FUNCTION airlock.execute_external_script_outputs(
+    language text,
+    script text,
+    input_data_1 text DEFAULT NULL,
+    input_data_1_name text DEFAULT 'InputDataSet',
+    params jsonb DEFAULT NULL,
+    output_params text[] DEFAULT NULL
+) RETURNS SETOF record
+VOLATILE CALLED ON NULL INPUT PARALLEL UNSAFE
+LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
+COMMENT ON FUNCTION airlock.execute_external_script_outputs(text, text, text, text, jsonb, text[]) IS
+    'Runs a script in a sandbox; returns one row of the script variables named by output_params';
+"#, requires = [execute_external_script])]
+fn execute_external_script_outputs(
+    language: Option<&str>,
+    script: Option<&str>,
+    input_data_1: Option<&str>,
+    input_data_1_name: Option<&str>,
+    params: Option<pgrx::JsonB>,
+    output_params: Option<Vec<Option<String>>>,
+    fcinfo: pg_sys::FunctionCallInfo,
+) {
+    // SAFETY: fcinfo is this function's own call info, passed by pgrx.
+    unsafe {
+        call::execute(
+            fcinfo,
+            call::CallArgs {
+                language,
+                script,
+                input_query: input_data_1,
+                input_name: input_data_1_name,
+                output_name: None,
+                params: params.map(|p| p.0),
+                rows_per_read: None,
+                // NULL or empty: the call fails naming the missing list.
+                output_params: Some(output_params.unwrap_or_default()),
+            },
+        )
+    }
 }

@@ -13,8 +13,26 @@
 //! ```
 //! Every output batch has the same schema. A runtime that produces zero rows still sends
 //! one (empty) batch so the backend can check the columns.
+//!
+//! The runtime may send output (and prints) before `InputEnd`: with `rows_per_read` the
+//! script runs once per chunk while the rest of the input is still coming, so the backend
+//! reads whatever the runtime sends while it writes input.
+//!
+//! Every input field carries its Postgres type in its metadata
+//! ([`crate::types::TYPE_METADATA_KEY`]); `output_columns` gives the caller's declared
+//! output types. docs/TYPES.md is the mapping both shims implement.
 
 use serde::{Deserialize, Serialize};
+
+use crate::types::PgType;
+
+/// One column of the caller's column definition list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputColumn {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub pg_type: PgType,
+}
 
 /// Backend → runtime.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,6 +55,22 @@ pub enum ToRuntime {
         /// Largest frame the backend accepts from the runtime; larger batches must be
         /// split.
         max_frame_bytes: u64,
+        /// Variables set before the script runs: the members of the call's `params`
+        /// object. Names are checked by the backend (identifiers, not the input or output
+        /// name); values are JSON.
+        #[serde(default)]
+        params: serde_json::Map<String, serde_json::Value>,
+        /// The caller's output columns, in order, with their declared types.
+        output_columns: Vec<OutputColumn>,
+        /// When set, the output is one row made of these script variables (in this order,
+        /// one per output column) instead of the `output_name` data frame.
+        #[serde(default)]
+        output_params: Option<Vec<String>>,
+        /// When set, the script runs once per chunk of at most this many input rows (at
+        /// least once, with an empty frame, when there are none), in one process and one
+        /// global scope; each run's output frame is sent as it is made.
+        #[serde(default)]
+        rows_per_read: Option<u64>,
     },
     InputEnd,
 }

@@ -23,6 +23,7 @@ pub mod control;
 pub mod data;
 pub mod frame;
 pub mod spawner;
+pub mod types;
 
 pub use frame::{
     begin_frame, decode_control, encode_arrow, encode_control, finish_frame, Frame, FrameDecoder,
@@ -31,7 +32,7 @@ pub use frame::{
 
 /// Version of the protocol spoken by this build. Both hellos carry it; a peer with a
 /// different version is refused with [`control::Reply::Refused`].
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest frame either side accepts: 1 GiB. A larger length prefix is an error, so a
 /// hostile peer cannot make the reader allocate without bound.
