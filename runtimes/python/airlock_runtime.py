@@ -22,6 +22,7 @@ sandbox needs nothing but the venv and this.
 """
 
 import codecs
+import datetime
 import decimal
 import json
 import linecache
@@ -846,9 +847,20 @@ def output_element_converter(pg_type, libs):
 
         return numeric
     if pg_type == "uuid":
-        return lambda v: v.bytes if isinstance(v, uuid.UUID) else v
+        # Text is parsed here, so a column may mix UUID objects and strings.
+        return lambda v: (uuid.UUID(v) if isinstance(v, str) else v).bytes
     if pg_type in ("json", "jsonb"):
         return lambda v: v if isinstance(v, str) else json.dumps(plain(v, np), allow_nan=False)
+    if pg_type == "interval":
+        pa = libs.pa
+
+        def interval(v):
+            # Timedelta and DateOffset may mix in one column: both as month-day-nano.
+            if isinstance(v, (datetime.timedelta, np.timedelta64)):
+                return pa.MonthDayNano([0, 0, int(libs.pd.Timedelta(v).value)])
+            return v
+
+        return interval
     if pg_type == "bytea":
         return lambda v: bytes(v) if isinstance(v, (bytearray, memoryview)) else v
     return lambda v: v.item() if isinstance(v, np.generic) else v

@@ -792,7 +792,12 @@ fn unsupported_input_type_is_named() -> TestResult {
     expect_contains(e.message(), "column 2 (\"t\")")?;
     expect_contains(e.message(), "type point")?;
     // And on the way out: never a silent text fallback.
-    let e = expect_err(py(&mut c, "OutputDataSet = pd.DataFrame({'p': ['(1,2)']})", None, "p point"))?;
+    let e = expect_err(py(
+        &mut c,
+        "OutputDataSet = pd.DataFrame({'p': ['(1,2)']})",
+        None,
+        "p point",
+    ))?;
     expect_code(&e, &SqlState::FEATURE_NOT_SUPPORTED)?;
     expect_contains(e.message(), "column 1 (\"p\")")?;
     expect_contains(e.message(), "type point")

@@ -180,11 +180,20 @@ pub fn send_frame(
         )));
     }
     if columns.len() != declared.len() {
-        return Err(BridgeError::Output(format!(
-            "{frame} has {} columns, the column list has {}",
-            columns.len(),
-            declared.len()
-        )));
+        // The backend owns this check and its error (both counts, SQLSTATE 42804): send
+        // it an empty batch with the frame's column count.
+        let fields: Vec<Field> = (0..columns.len())
+            .map(|i| Field::new(format!("column{}", i + 1), DataType::Null, true))
+            .collect();
+        let batch = RecordBatch::try_new_with_options(
+            Arc::new(Schema::new(fields)),
+            (0..columns.len())
+                .map(|_| Arc::new(arrow_array::NullArray::new(0)) as arrow_array::ArrayRef)
+                .collect(),
+            &arrow_array::RecordBatchOptions::new().with_row_count(Some(0)),
+        )?;
+        send_batch(chan, &batch)?;
+        return Ok(0);
     }
     let mut fields = Vec::with_capacity(declared.len());
     let mut arrays = Vec::with_capacity(declared.len());
