@@ -1027,8 +1027,8 @@ impl OutputDecoder {
         // length coercions) are caught and raised again saying where the value was.
         let position = std::panic::AssertUnwindSafe(std::cell::Cell::new((0usize, 0u64)));
         let cols = &mut self.cols;
-        let converted = pgrx::PgTryBuilder::new(std::panic::AssertUnwindSafe(
-            || -> Result<(), CallError> {
+        let converted =
+            pgrx::PgTryBuilder::new(std::panic::AssertUnwindSafe(|| -> Result<(), CallError> {
                 for row in 0..batch.num_rows() {
                     if row % 4096 == 4095 {
                         pgrx::check_for_interrupts!();
@@ -1067,23 +1067,22 @@ impl OutputDecoder {
                     };
                 }
                 Ok(())
-            },
-        ))
-        .catch_others(|e| match e {
-            pgrx::pg_sys::panic::CaughtError::PostgresError(report) => {
-                let (c, row) = position.get();
-                Err(CallError::AtOutputValue {
-                    code: report.sql_error_code(),
-                    message: report.message().to_owned(),
-                    detail: report.detail().map(str::to_owned),
-                    hint: report.hint().map(str::to_owned),
-                    row,
-                    column: c,
-                })
-            }
-            other => other.rethrow(),
-        })
-        .execute();
+            }))
+            .catch_others(|e| match e {
+                pgrx::pg_sys::panic::CaughtError::PostgresError(report) => {
+                    let (c, row) = position.get();
+                    Err(CallError::AtOutputValue {
+                        code: report.sql_error_code(),
+                        message: report.message().to_owned(),
+                        detail: report.detail().map(str::to_owned),
+                        hint: report.hint().map(str::to_owned),
+                        row,
+                        column: c,
+                    })
+                }
+                other => other.rethrow(),
+            })
+            .execute();
         converted.map_err(|e| match e {
             CallError::AtOutputValue {
                 code,
