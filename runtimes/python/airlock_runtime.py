@@ -22,6 +22,7 @@ sandbox needs nothing but the venv and this.
 """
 
 import codecs
+import collections
 import datetime
 import decimal
 import json
@@ -31,6 +32,7 @@ import socket
 import sys
 import threading
 import traceback
+import types
 import uuid
 
 PROTOCOL_VERSION = 3
@@ -125,7 +127,7 @@ def run(chan):
     forwarder = PrintForwarder(chan, start["max_print_bytes"])
     forwarder.start()
     code = compile_script(start)
-    scope = new_scope(start, libs)
+    scope = new_scope(start, libs, loopback_module(chan, libs))
     rows = 0
     chunk_number = 0
     try:
@@ -170,9 +172,17 @@ class Channel:
         self.send_lock = threading.Lock()
         # Largest frame the backend accepts from us; start's max_frame_bytes lowers it.
         self.max_frame = MAX_FRAME_LEN
+        # Input frames that arrived while a loopback query waited for its answer.
+        self.backlog = collections.deque()
 
     def recv_frame(self):
         """Returns (kind, payload), or None on a clean end of stream between frames."""
+        if self.backlog:
+            return self.backlog.popleft()
+        return self.recv_wire_frame()
+
+    def recv_wire_frame(self):
+        """The next frame from the socket itself, ignoring the backlog."""
         header = self._recv_exact(4, allow_eof=True)
         if header is None:
             return None
@@ -528,16 +538,146 @@ def compile_script(start):
         ) from None
 
 
-def new_scope(start, libs):
-    """The script's globals: pd, np, and the call's params."""
+def new_scope(start, libs, module):
+    """The script's globals: pd, np, the airlock module, and the call's params."""
     scope = {
         "__name__": "__main__",
         "__builtins__": __builtins__,
         "pd": libs.pd,
         "np": libs.np,
+        "airlock": module,
     }
     scope.update(start["params"])
     return scope
+
+
+# --- Loopback queries ---------------------------------------------------------------
+
+
+class QueryError(Exception):
+    """A loopback statement failed in the database. Attributes: sqlstate (e.g. "42501"),
+    message, detail, hint."""
+
+    def __init__(self, sqlstate, message, detail=None, hint=None):
+        super().__init__(f"{message} (SQLSTATE {sqlstate})")
+        self.sqlstate = sqlstate
+        self.message = message
+        self.detail = detail
+        self.hint = hint
+
+
+QueryError.__module__ = "airlock"
+
+
+def loopback_module(chan, libs):
+    """The `airlock` module scripts import: query() and execute() run SQL in the calling
+    session, as the calling role, in its transaction; the backend does it, over fd 3."""
+    lock = threading.Lock()
+
+    def query(sql, params=None):
+        """Runs a statement that returns rows; returns them as a DataFrame, with the same
+        types as the input data frame."""
+        with lock:
+            batches, schema = loopback(chan, libs, "query", sql, params)
+        table = libs.pa.Table.from_batches(batches, schema=schema)
+        return table_to_frame(table, libs)
+
+    def execute(sql, params=None):
+        """Runs a statement; returns the number of rows it affected (or returned)."""
+        with lock:
+            return loopback(chan, libs, "execute", sql, params)
+
+    module = types.ModuleType("airlock", "Queries from a script into the calling session.")
+    module.query = query
+    module.execute = execute
+    module.QueryError = QueryError
+    sys.modules["airlock"] = module
+    return module
+
+
+def loopback(chan, libs, mode, sql, params):
+    if not isinstance(sql, str):
+        raise TypeError(f"sql must be a str, not {type(sql).__qualname__}")
+    if params is not None and not isinstance(params, (list, tuple)):
+        raise TypeError("params must be a list or tuple of values for $1, $2, …")
+    chan.send_control(
+        {"type": "query", "sql": sql, "mode": mode, "has_params": bool(params)}
+    )
+    if params:
+        send_batch(chan, params_batch(params, libs), libs)
+    batches = []
+    schema = None
+    begun = False
+    while True:
+        frame = chan.recv_wire_frame()
+        if frame is None:
+            raise ProtocolError("the backend closed the connection during a loopback query")
+        kind, payload = frame
+        if not begun:
+            if kind == KIND_CONTROL:
+                msg = decode_control(frame)
+                t = msg.get("type")
+                if t == "query_begin":
+                    begun = True
+                    continue
+                if t == "query_error":
+                    raise query_error(msg)
+            # Input sent before the answer: it is read later, in order.
+            chan.backlog.append(frame)
+            continue
+        if kind == KIND_ARROW:
+            reader = libs.pa.ipc.open_stream(libs.pa.py_buffer(payload))
+            schema = reader.schema
+            batches.extend(reader)
+            continue
+        msg = decode_control(frame)
+        t = msg.get("type")
+        if t == "query_end":
+            rows = msg.get("rows")
+            if mode == "execute":
+                return rows
+            if schema is None:
+                raise ProtocolError("a loopback query answered without a schema")
+            return batches, schema
+        if t == "query_error":
+            raise query_error(msg)
+        raise ProtocolError(f"expected a loopback answer, got {describe(msg)}")
+
+
+def query_error(msg):
+    return QueryError(
+        str(msg.get("sqlstate")), str(msg.get("message")), msg.get("detail"), msg.get("hint")
+    )
+
+
+def params_batch(params, libs):
+    """$1, $2, … as one Arrow row; each column typed by its Python value."""
+    pa = libs.pa
+    arrays, fields = [], []
+    for i, v in enumerate(params):
+        name = f"${i + 1}"
+        meta = None
+        if isinstance(v, libs.np.generic):
+            v = v.item()
+        if isinstance(v, decimal.Decimal):
+            arr, meta = pa.array([str(v)]), "numeric"
+        elif isinstance(v, uuid.UUID):
+            arr, meta = pa.array([v.bytes], type=pa.binary(16)), "uuid"
+        elif isinstance(v, dict):
+            arr, meta = pa.array([json.dumps(v)]), "jsonb"
+        elif isinstance(v, (datetime.timedelta, libs.pd.Timedelta)):
+            arr = pa.array([pa.MonthDayNano([0, 0, int(libs.pd.Timedelta(v).value)])])
+        else:
+            try:
+                arr = pa.array([v], from_pandas=False)
+            except Exception as e:
+                raise TypeError(
+                    f"parameter {name} ({type(v).__qualname__}) cannot be sent: {first_arg(e)}"
+                ) from None
+        field = pa.field(name, arr.type, metadata={"airlock.type": meta} if meta else None)
+        arrays.append(arr)
+        fields.append(field)
+    return pa.record_batch(arrays, schema=pa.schema(fields))
 
 
 def run_script(code, scope):

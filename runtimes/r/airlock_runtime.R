@@ -279,6 +279,29 @@ local({
         for (name in names(start$params)) {
             assign(name, start$params[[name]], envir = globalenv())
         }
+        # Loopback queries: run by the waiting backend as the calling role, in its
+        # transaction. A failed statement is an R error of class airlock_query_error
+        # with fields sqlstate, detail and hint.
+        loopback <- function(sql, mode, params) {
+            if (!is.character(sql) || length(sql) != 1L || is.na(sql)) {
+                stop("sql must be one character string")
+            }
+            if (!is.null(params) && !is.list(params)) params <- as.list(params)
+            r <- bcall("airlock_loopback", enc2utf8(sql), mode, params)
+            if (inherits(r, "airlock_query_failure")) {
+                stop(structure(
+                    class = c("airlock_query_error", "error", "condition"),
+                    list(message = sprintf("%s (SQLSTATE %s)", r$message, r$sqlstate),
+                         call = sys.call(-1), sqlstate = r$sqlstate, detail = r$detail,
+                         hint = r$hint)
+                ))
+            }
+            r
+        }
+        assign("airlock_query", function(sql, params = NULL) loopback(sql, "query", params),
+               envir = globalenv())
+        assign("airlock_execute", function(sql, params = NULL) loopback(sql, "execute", params),
+               envir = globalenv())
         exprs <- tryCatch(parse(text = start$script, keep.source = TRUE),
                           error = function(e) e)
         if (inherits(exprs, "error")) {

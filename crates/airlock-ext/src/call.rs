@@ -16,7 +16,7 @@ use std::{
 
 use airlock_protocol::{
     control::{Caller, Language, Outcome, Reply, Request},
-    data::{FromRuntime, ToRuntime},
+    data::{FromRuntime, QueryMode, ToRuntime},
     encode_control, Frame, FrameKind, PROTOCOL_VERSION,
 };
 use pgrx::pg_sys;
@@ -26,7 +26,7 @@ use crate::{
     channel::{Channel, Peer},
     convert::{InputEncoder, OutputDecoder},
     error::CallError,
-    gucs,
+    gucs, loopback,
 };
 
 /// The name of the role that grants the right to run scripts.
@@ -232,18 +232,18 @@ impl Input {
                 std::ptr::null(),
                 false,
             );
-            let encoder = InputEncoder::new((*portal).tupDesc)?;
+            let encoder = InputEncoder::new((*portal).tupDesc, "the input query")?;
             Ok(Input { portal, encoder })
         }
     }
 
-    /// Streams every row to the runtime, `batch_rows` at a time, handing whatever the
-    /// runtime sends meanwhile to `on_frame`.
+    /// Streams every row to the runtime, `batch_rows` at a time; whatever the runtime
+    /// sends meanwhile goes to the conversation.
     fn stream(
         &mut self,
         data: &mut Channel,
         batch_rows: i64,
-        on_frame: &mut dyn FnMut(Frame) -> Result<(), CallError>,
+        conv: &mut Conversation<'_>,
     ) -> Result<u64, CallError> {
         let mut total = 0u64;
         let mut sent_any = false;
@@ -273,7 +273,7 @@ impl Input {
                     if self.encoder.approx_bytes() >= BATCH_BYTES {
                         // Wide rows or huge values: ship what we have before going on,
                         // so a batch never outgrows the memory budget or a frame.
-                        data.send_reading(&self.encoder.finish_frame()?, on_frame)?;
+                        conv.send(data, &self.encoder.finish_frame()?)?;
                         sent_any = true;
                     }
                 }
@@ -286,7 +286,7 @@ impl Input {
             let done = n < batch_rows as u64;
             if self.encoder.rows() > 0 || (done && !sent_any) {
                 // The last batch may be empty: it still carries the schema.
-                data.send_reading(&self.encoder.finish_frame()?, on_frame)?;
+                conv.send(data, &self.encoder.finish_frame()?)?;
                 sent_any = true;
             }
             if done {
@@ -494,6 +494,10 @@ struct OutputSink<'a> {
     /// Per-batch memory for the Datums of one batch; reset after each.
     batch_cx: pgrx::PgMemoryContexts,
     done: bool,
+    /// Loopback statements the runtime asked for, not yet run.
+    pending: std::collections::VecDeque<loopback::Request>,
+    /// A Query with parameters whose Arrow frame has not arrived yet.
+    awaiting_params: Option<(String, QueryMode)>,
 }
 
 impl OutputSink<'_> {
@@ -507,6 +511,34 @@ impl OutputSink<'_> {
             });
         }
         match frame.kind {
+            FrameKind::Arrow if self.awaiting_params.is_some() => {
+                let (sql, mode) = self.awaiting_params.take().expect("checked by the guard");
+                let mut reader = arrow_ipc::reader::StreamReader::try_new(
+                    std::io::Cursor::new(frame.payload),
+                    None,
+                )
+                .map_err(|e| CallError::Protocol {
+                    peer: Peer::Runtime,
+                    message: format!("bad loopback parameters: {e}"),
+                })?;
+                let params = reader
+                    .next()
+                    .transpose()
+                    .map_err(|e| CallError::Protocol {
+                        peer: Peer::Runtime,
+                        message: format!("bad loopback parameters: {e}"),
+                    })?
+                    .ok_or_else(|| CallError::Protocol {
+                        peer: Peer::Runtime,
+                        message: "loopback parameters without a batch".into(),
+                    })?;
+                self.pending.push_back(loopback::Request {
+                    sql,
+                    mode,
+                    params: Some(params),
+                });
+                Ok(())
+            }
             FrameKind::Arrow => {
                 let reader = arrow_ipc::reader::StreamReader::try_new(
                     std::io::Cursor::new(frame.payload),
@@ -563,8 +595,86 @@ impl OutputSink<'_> {
                         self.done = true;
                         Ok(())
                     }
+                    FromRuntime::Query {
+                        sql,
+                        mode,
+                        has_params,
+                    } => {
+                        if has_params {
+                            self.awaiting_params = Some((sql, mode));
+                        } else {
+                            self.pending.push_back(loopback::Request {
+                                sql,
+                                mode,
+                                params: None,
+                            });
+                        }
+                        Ok(())
+                    }
                 }
             }
+        }
+    }
+}
+
+/// Both directions of the data socket once the runtime runs: what it sends goes to the
+/// sink, and its loopback statements are run between our own frames (never inside one).
+struct Conversation<'a> {
+    sink: OutputSink<'a>,
+    loopback: loopback::LoopbackState,
+}
+
+impl Conversation<'_> {
+    /// Sends one frame while taking whatever the runtime sends, then serves the loopback
+    /// statements that arrived.
+    fn send(&mut self, data: &mut Channel, bytes: &[u8]) -> Result<(), CallError> {
+        let sink = &mut self.sink;
+        data.send_reading(bytes, &mut |frame| sink.handle(frame))?;
+        self.serve(data)
+    }
+
+    /// Handles one frame received from the runtime, then serves loopback statements.
+    fn receive(&mut self, data: &mut Channel, frame: Frame) -> Result<(), CallError> {
+        self.sink.handle(frame)?;
+        self.serve(data)
+    }
+
+    fn serve(&mut self, data: &mut Channel) -> Result<(), CallError> {
+        while let Some(req) = self.sink.pending.pop_front() {
+            self.loopback.serve(data, req)?;
+        }
+        Ok(())
+    }
+
+    /// The error a failed script ends the call with: a loopback error the script did not
+    /// catch is raised as itself (from the backend's own record), with the script's
+    /// traceback in DETAIL.
+    fn script_error(&self, e: CallError) -> CallError {
+        match (e, &self.loopback.last_error) {
+            (
+                CallError::Script {
+                    error_type,
+                    traceback,
+                    ..
+                },
+                Some(sent),
+            ) if error_type == "airlock.QueryError" || error_type == "airlock_query_error" => {
+                let detail = [
+                    sent.detail.clone(),
+                    (!traceback.is_empty()).then_some(traceback),
+                ]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join("\n");
+                CallError::Postgres {
+                    code: sent.code,
+                    message: sent.message.clone(),
+                    detail: (!detail.is_empty()).then_some(detail),
+                    hint: sent.hint.clone(),
+                }
+            }
+            (e, _) => e,
         }
     }
 }
@@ -579,7 +689,12 @@ fn is_variable_name(name: &str) -> bool {
 }
 
 /// Names the runtime sets itself, which params must not shadow.
-const RESERVED_NAMES: &[&str] = &["airlock_chunk"];
+const RESERVED_NAMES: &[&str] = &[
+    "airlock_chunk",
+    "airlock",
+    "airlock_query",
+    "airlock_execute",
+];
 
 /// Checks params, output_params and rows_per_read; returns them as the start message
 /// carries them.
@@ -706,9 +821,12 @@ fn check_arguments(
 /// # Safety
 /// `fcinfo` must be valid.
 unsafe fn run(fcinfo: pg_sys::FunctionCallInfo, args: CallArgs<'_>) -> Result<(), CallError> {
-    // 1. Is this allowed at all? Switch, role, language: cheapest checks first.
+    // 1. Is this allowed at all? Switch, nesting, role, language: cheapest checks first.
     if !gucs::ENABLED.get() {
         return Err(CallError::Disabled);
+    }
+    if loopback::active() {
+        return Err(CallError::Nested);
     }
     let language_name = args.language.unwrap_or("");
     let language = Language::parse(language_name).ok_or_else(|| CallError::UnknownLanguage {
@@ -737,17 +855,22 @@ unsafe fn run(fcinfo: pg_sys::FunctionCallInfo, args: CallArgs<'_>) -> Result<()
     // The sink's batch context is made here, before SPI_connect: a context made inside
     // the SPI connection would be deleted by SPI_finish under the sink's feet.
     let max_print = gucs::MAX_PRINT_BYTES.get().max(0) as usize;
-    let mut sink = OutputSink {
-        printer: Printer {
-            limit: max_print,
-            shown: 0,
-            dropped: 0,
+    let mut conv = Conversation {
+        sink: OutputSink {
+            printer: Printer {
+                limit: max_print,
+                shown: 0,
+                dropped: 0,
+            },
+            decoder,
+            result: &result,
+            rows_out: 0,
+            batch_cx: pgrx::PgMemoryContexts::new("airlock output batch"),
+            done: false,
+            pending: std::collections::VecDeque::new(),
+            awaiting_params: None,
         },
-        decoder,
-        result: &result,
-        rows_out: 0,
-        batch_cx: pgrx::PgMemoryContexts::new("airlock output batch"),
-        done: false,
+        loopback: loopback::LoopbackState::new(batch_rows),
     };
 
     // 3. Plan the input query as the calling role, before a sandbox exists.
@@ -787,27 +910,27 @@ unsafe fn run(fcinfo: pg_sys::FunctionCallInfo, args: CallArgs<'_>) -> Result<()
         rows_per_read,
     };
     let sent = (|| -> Result<u64, CallError> {
-        let mut on_frame = |frame: Frame| sink.handle(frame);
-        data.send_reading(&encode(&start)?, &mut on_frame)?;
+        conv.send(&mut data, &encode(&start)?)?;
         let rows_in = match input.as_mut() {
-            Some(inp) => inp.stream(&mut data, batch_rows, &mut on_frame)?,
+            Some(inp) => inp.stream(&mut data, batch_rows, &mut conv)?,
             None => 0,
         };
-        data.send_reading(&encode(&ToRuntime::InputEnd)?, &mut on_frame)?;
+        conv.send(&mut data, &encode(&ToRuntime::InputEnd)?)?;
         Ok(rows_in)
     })();
     let rows_in = match sent {
         Ok(rows_in) => rows_in,
         Err(e @ CallError::Script { .. }) => {
-            return Err(script_failed(e, &sink, &mut control, 0));
+            let e = conv.script_error(e);
+            return Err(script_failed(e, &conv.sink, &mut control, 0));
         }
         Err(CallError::PeerGone { .. }) => {
-            sink.printer.finish();
+            conv.sink.printer.finish();
             return Err(failure_after_send(&mut data, &mut control));
         }
         Err(e) => return Err(e),
     };
-    if sink.done {
+    if conv.sink.done {
         return Err(CallError::Protocol {
             peer: Peer::Runtime,
             message: "done before all input was sent".into(),
@@ -816,33 +939,35 @@ unsafe fn run(fcinfo: pg_sys::FunctionCallInfo, args: CallArgs<'_>) -> Result<()
     if let Some(inp) = input.take() {
         inp.close();
     }
-    // SAFETY: balanced with the SPI_connect above.
-    unsafe { pg_sys::SPI_finish() };
 
-    // 6. Read the rest of what the script printed and produced.
-    while !sink.done {
+    // 6. Read the rest of what the script printed and produced, and serve its loopback
+    //    statements (SPI stays connected for them until the runtime is done).
+    while !conv.sink.done {
         let Some(frame) = data.recv(None)? else {
             // The runtime ended without saying it was done.
-            sink.printer.finish();
+            conv.sink.printer.finish();
             return Err(outcome_error(ended(&mut control)?));
         };
-        match sink.handle(frame) {
+        match conv.receive(&mut data, frame) {
             Ok(()) => {}
             Err(e @ CallError::Script { .. }) => {
-                return Err(script_failed(e, &sink, &mut control, rows_in))
+                let e = conv.script_error(e);
+                return Err(script_failed(e, &conv.sink, &mut control, rows_in));
             }
             Err(e) => return Err(e),
         }
     }
-    sink.printer.finish();
-    report(&mut control, rows_in, sink.rows_out);
+    // SAFETY: balanced with the SPI_connect above.
+    unsafe { pg_sys::SPI_finish() };
+    conv.sink.printer.finish();
+    report(&mut control, rows_in, conv.sink.rows_out);
 
     // 7. The daemon confirms the sandbox is gone.
     match ended(&mut control)? {
         Outcome::Exited { code: 0 } => {}
         other => return Err(outcome_error(other)),
     }
-    drop(sink);
+    drop(conv);
     result.finish();
     Ok(())
 }

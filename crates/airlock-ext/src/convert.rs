@@ -455,6 +455,8 @@ struct InCol {
 
 /// Accumulates input rows into Arrow builders.
 pub struct InputEncoder {
+    /// What the rows come from, for messages: "the input query", "the loopback query".
+    source: &'static str,
     schema: SchemaRef,
     cols: Vec<InCol>,
     rows: usize,
@@ -466,7 +468,10 @@ impl InputEncoder {
     ///
     /// # Safety
     /// `tupdesc` must be a valid tuple descriptor.
-    pub unsafe fn new(tupdesc: pg_sys::TupleDesc) -> Result<InputEncoder, CallError> {
+    pub unsafe fn new(
+        tupdesc: pg_sys::TupleDesc,
+        source: &'static str,
+    ) -> Result<InputEncoder, CallError> {
         // SAFETY: forwarded from the caller.
         let attrs = unsafe { attributes(tupdesc) };
         let mut fields = Vec::with_capacity(attrs.len());
@@ -475,6 +480,7 @@ impl InputEncoder {
         for a in &attrs {
             if let Some(&first) = seen.get(a.name.as_str()) {
                 return Err(CallError::DuplicateInputColumn {
+                    source,
                     name: a.name.clone(),
                     first,
                     second: a.number,
@@ -483,6 +489,7 @@ impl InputEncoder {
             seen.insert(&a.name, a.number);
             let Some(r) = resolve(a.typoid) else {
                 return Err(CallError::UnsupportedInputType {
+                    source,
                     column: a.number,
                     name: a.name.clone(),
                     type_name: type_name(a.typoid, a.typmod),
@@ -514,6 +521,7 @@ impl InputEncoder {
             });
         }
         Ok(InputEncoder {
+            source,
             schema: Arc::new(Schema::new(fields)),
             cols,
             rows: 0,
@@ -553,6 +561,7 @@ impl InputEncoder {
                 Ok(n) => self.bytes += n,
                 Err(reason) => {
                     return Err(CallError::InputValue {
+                        source: self.source,
                         column: col.attno as usize,
                         name: col.name.clone(),
                         row,
@@ -1551,6 +1560,131 @@ unsafe fn scalar_datum(
         }),
         None => Ok(d),
     }
+}
+
+// --- Loopback parameters: one Arrow row to typed Datums ------------------------------
+
+/// The `$n` parameters of a loopback statement, ready for SPI.
+pub struct Params {
+    pub types: Vec<pg_sys::Oid>,
+    pub values: Vec<pg_sys::Datum>,
+    /// ' ' for a value, 'n' for NULL, as SPI wants them.
+    pub nulls: Vec<std::ffi::c_char>,
+}
+
+fn scalar_oid(scalar: Scalar) -> pg_sys::Oid {
+    match scalar {
+        Scalar::Bool => pg_sys::BOOLOID,
+        Scalar::Int2 => pg_sys::INT2OID,
+        Scalar::Int4 => pg_sys::INT4OID,
+        Scalar::Int8 => pg_sys::INT8OID,
+        Scalar::Float4 => pg_sys::FLOAT4OID,
+        Scalar::Float8 => pg_sys::FLOAT8OID,
+        Scalar::Numeric => pg_sys::NUMERICOID,
+        Scalar::Text => pg_sys::TEXTOID,
+        Scalar::Bytea => pg_sys::BYTEAOID,
+        Scalar::Date => pg_sys::DATEOID,
+        Scalar::Timestamp => pg_sys::TIMESTAMPOID,
+        Scalar::Timestamptz => pg_sys::TIMESTAMPTZOID,
+        Scalar::Time => pg_sys::TIMEOID,
+        Scalar::Interval => pg_sys::INTERVALOID,
+        Scalar::Uuid => pg_sys::UUIDOID,
+        Scalar::Json => pg_sys::JSONOID,
+        Scalar::Jsonb => pg_sys::JSONBOID,
+    }
+}
+
+/// The Postgres type a parameter value of Arrow type `dt` binds as, when the runtime
+/// did not name one: the natural match, text for a NULL of no type.
+fn param_scalar(dt: &DataType) -> Option<Scalar> {
+    use DataType as D;
+    Some(match dt {
+        D::Boolean => Scalar::Bool,
+        D::Int8 | D::Int16 | D::UInt8 => Scalar::Int2,
+        D::Int32 | D::UInt16 => Scalar::Int4,
+        D::Int64 | D::UInt32 => Scalar::Int8,
+        D::UInt64 | D::Decimal128(..) | D::Decimal256(..) => Scalar::Numeric,
+        D::Float32 => Scalar::Float4,
+        D::Float64 => Scalar::Float8,
+        D::Utf8 | D::LargeUtf8 | D::Utf8View | D::Null => Scalar::Text,
+        D::Binary | D::LargeBinary | D::FixedSizeBinary(_) => Scalar::Bytea,
+        D::Date32 | D::Date64 => Scalar::Date,
+        D::Timestamp(_, None) => Scalar::Timestamp,
+        D::Timestamp(_, Some(_)) => Scalar::Timestamptz,
+        D::Time32(_) | D::Time64(_) => Scalar::Time,
+        D::Interval(arrow_schema::IntervalUnit::MonthDayNano) | D::Duration(_) => Scalar::Interval,
+        _ => return None,
+    })
+}
+
+/// Converts the runtime's parameter row: column n is `$n+1`, typed by its field's
+/// airlock.type metadata or else by its Arrow type.
+///
+/// # Safety
+/// Must run inside a transaction (type lookups, input functions).
+pub unsafe fn params_from_batch(batch: &RecordBatch) -> Result<Params, CallError> {
+    let bad = |message: String| CallError::BadArgument {
+        message,
+        hint: None,
+    };
+    if batch.num_rows() != 1 {
+        return Err(bad(format!(
+            "loopback parameters must be one row, got {}",
+            batch.num_rows()
+        )));
+    }
+    let mut params = Params {
+        types: Vec::with_capacity(batch.num_columns()),
+        values: Vec::with_capacity(batch.num_columns()),
+        nulls: Vec::with_capacity(batch.num_columns()),
+    };
+    for (i, field) in batch.schema().fields().iter().enumerate() {
+        let named = field
+            .metadata()
+            .get(TYPE_METADATA_KEY)
+            .and_then(|t| t.parse::<PgType>().ok());
+        let pg = match (named, field.data_type()) {
+            (Some(t), _) => Some(t),
+            (None, DataType::List(item) | DataType::LargeList(item)) => {
+                param_scalar(item.data_type()).map(PgType::array_of)
+            }
+            (None, dt) => param_scalar(dt).map(PgType::scalar),
+        };
+        let Some(pg) = pg.filter(|pg| accepts(*pg, field.data_type())) else {
+            return Err(bad(format!(
+                "loopback parameter ${} is {}, which airlock cannot bind",
+                i + 1,
+                produced_name(field.data_type())
+            )));
+        };
+        let elem = scalar_oid(pg.scalar);
+        let oid = if pg.array {
+            // SAFETY: a syscache lookup of a built-in type's array type.
+            unsafe { pg_sys::get_array_type(elem) }
+        } else {
+            elem
+        };
+        let mut col = OutCol {
+            number: i + 1,
+            name: format!("${}", i + 1),
+            declared: type_name(oid, -1),
+            pg,
+            target: ScalarTarget::new(pg.scalar, elem, -1),
+            layout: pg.array.then(|| ElemLayout::of(elem)),
+            domain: None,
+        };
+        // SAFETY: accepts() admitted the column's Arrow type for pg.
+        let value =
+            unsafe { column_datum(&mut col, batch.column(i), 0) }.map_err(|e| e.at(&col, 1))?;
+        params.types.push(oid);
+        params
+            .values
+            .push(value.unwrap_or(pg_sys::Datum::from(0usize)));
+        params
+            .nulls
+            .push(if value.is_some() { b' ' } else { b'n' } as std::ffi::c_char);
+    }
+    Ok(params)
 }
 
 #[cfg(test)]

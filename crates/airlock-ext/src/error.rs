@@ -23,12 +23,15 @@ pub enum CallError {
     },
     /// The input query's column has a type the data path cannot carry.
     UnsupportedInputType {
+        /// "the input query" or "the loopback query".
+        source: &'static str,
         column: usize,
         name: String,
         type_name: String,
     },
     /// One input value has no lossless equivalent in the script (date infinity, say).
     InputValue {
+        source: &'static str,
         column: usize,
         name: String,
         row: u64,
@@ -52,12 +55,20 @@ pub enum CallError {
         detail: Option<String>,
         hint: Option<String>,
     },
+    /// A loopback statement went past a limit (rows per result, statements per call).
+    LoopbackLimit {
+        message: String,
+        hint: String,
+    },
+    /// execute_external_script inside a loopback statement.
+    Nested,
     /// A call argument is wrong (params, output_params, rows_per_read, names).
     BadArgument {
         message: String,
         hint: Option<String>,
     },
     DuplicateInputColumn {
+        source: &'static str,
         name: String,
         first: usize,
         second: usize,
@@ -170,8 +181,22 @@ fn mib(bytes: u64) -> String {
 impl CallError {
     /// Raises this error as a Postgres ERROR. Never returns.
     pub fn report(self) -> ! {
+        let (code, message, detail, hint) = self.parts();
+        let mut report = ErrorReport::new(code, message, "airlock");
+        if let Some(d) = detail {
+            report = report.set_detail(d);
+        }
+        if let Some(h) = hint {
+            report = report.set_hint(h);
+        }
+        report.report(PgLogLevel::ERROR);
+        unreachable!("ERROR does not return")
+    }
+
+    /// The SQLSTATE, message, DETAIL and HINT this error is reported with.
+    pub fn parts(self) -> (PgSqlErrorCode, String, Option<String>, Option<String>) {
         use PgSqlErrorCode::*;
-        let (code, message, detail, hint): (PgSqlErrorCode, String, Option<String>, Option<String>) = match self {
+        match self {
             CallError::Disabled => (
                 ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
                 "external scripts are disabled on this server".into(),
@@ -200,29 +225,38 @@ impl CallError {
                         .join(", ")
                 )),
             ),
-            CallError::UnsupportedInputType { column, name, type_name } => (
+            CallError::UnsupportedInputType { source, column, name, type_name } => (
                 ERRCODE_FEATURE_NOT_SUPPORTED,
-                format!("column {column} (\"{name}\") of the input query has type {type_name}, which airlock cannot pass to a script"),
+                format!("column {column} (\"{name}\") of {source} has type {type_name}, which airlock cannot pass to a script"),
                 Some(format!("Supported input types: {}.", crate::convert::SUPPORTED_TYPES)),
-                Some("Cast the column to a supported type in the input query.".into()),
+                Some(format!("Cast the column to a supported type in {source}.")),
             ),
-            CallError::InputValue { column, name, row, type_name, reason } => (
+            CallError::InputValue { source, column, name, row, type_name, reason } => (
                 ERRCODE_DATETIME_FIELD_OVERFLOW,
-                format!("row {row} of the input query cannot be passed to the script: its column {column} (\"{name}\", {type_name}) holds a value that {reason}"),
+                format!("row {row} of {source} cannot be passed to the script: its column {column} (\"{name}\", {type_name}) holds a value that {reason}"),
                 None,
-                Some("Filter or convert the value in the input query.".into()),
+                Some(format!("Filter or convert the value in {source}.")),
             ),
             CallError::AtOutputValue { code, message, detail, hint, .. }
             | CallError::Postgres { code, message, detail, hint } => (code, message, detail, hint),
+            CallError::LoopbackLimit { message, hint } => {
+                (ERRCODE_PROGRAM_LIMIT_EXCEEDED, message, None, Some(hint))
+            }
+            CallError::Nested => (
+                ERRCODE_FEATURE_NOT_SUPPORTED,
+                "airlock.execute_external_script cannot run inside a script's loopback query".into(),
+                Some("Scripts do not nest: a loopback statement may not start another script.".into()),
+                None,
+            ),
             CallError::BadArgument { message, hint } => (
                 ERRCODE_INVALID_PARAMETER_VALUE,
                 message,
                 None,
                 hint,
             ),
-            CallError::DuplicateInputColumn { name, first, second } => (
+            CallError::DuplicateInputColumn { source, name, first, second } => (
                 ERRCODE_DUPLICATE_COLUMN,
-                format!("the input query returns more than one column named \"{name}\" (columns {first} and {second})"),
+                format!("{source} returns more than one column named \"{name}\" (columns {first} and {second})"),
                 None,
                 Some("Give each column a distinct name with AS.".into()),
             ),
@@ -355,15 +389,15 @@ impl CallError {
                 None,
                 None,
             ),
-        };
-        let mut report = ErrorReport::new(code, message, "airlock");
-        if let Some(d) = detail {
-            report = report.set_detail(d);
         }
-        if let Some(h) = hint {
-            report = report.set_hint(h);
-        }
-        report.report(PgLogLevel::ERROR);
-        unreachable!("ERROR does not return")
     }
+}
+
+/// The five-character SQLSTATE of a code, e.g. "42501".
+pub fn sqlstate(code: PgSqlErrorCode) -> String {
+    // Postgres packs each of the five characters into six bits (MAKE_SQLSTATE).
+    let packed = code as i32;
+    (0..5)
+        .map(|i| (((packed >> (6 * i)) & 0x3F) as u8 + b'0') as char)
+        .collect()
 }

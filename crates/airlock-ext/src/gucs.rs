@@ -2,7 +2,7 @@
 
 use std::ffi::CString;
 
-use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
 
 /// The server switch. Off by default: a superuser turns it on with ALTER SYSTEM.
 pub static ENABLED: GucSetting<bool> = GucSetting::<bool>::new(false);
@@ -19,6 +19,30 @@ pub static BATCH_ROWS: GucSetting<i32> = GucSetting::<i32>::new(65_536);
 
 /// Most bytes of script output relayed as NOTICEs per call.
 pub static MAX_PRINT_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1 << 20);
+
+/// What a script's loopback queries (airlock.query / airlock.execute) may do.
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Loopback {
+    /// No loopback queries.
+    #[name = c"off"]
+    Off,
+    /// Statements run in a read-only state: any write, even inside a function, fails.
+    #[name = c"read_only"]
+    ReadOnly,
+    /// Statements may write, in the caller's transaction.
+    #[name = c"read_write"]
+    ReadWrite,
+}
+
+/// airlock.loopback: superuser-only, so a role gets read_write only from a superuser
+/// (ALTER ROLE … SET airlock.loopback = read_write).
+pub static LOOPBACK: GucSetting<Loopback> = GucSetting::<Loopback>::new(Loopback::ReadOnly);
+
+/// Most rows one loopback query may return.
+pub static LOOPBACK_MAX_ROWS: GucSetting<i32> = GucSetting::<i32>::new(1_000_000);
+
+/// Most loopback statements one call may run.
+pub static LOOPBACK_MAX_STATEMENTS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 
 pub const DEFAULT_SOCKET_PATH: &str = "/run/airlock/airlockd.sock";
 
@@ -57,6 +81,34 @@ pub fn init() {
         1,
         10_000_000,
         GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_enum_guc(
+        c"airlock.loopback",
+        c"What a script's loopback queries may do: off, read_only or read_write.",
+        c"Loopback queries run as the calling role in its transaction. Only superusers may change it, e.g. per role with ALTER ROLE.",
+        &LOOPBACK,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"airlock.loopback_max_rows",
+        c"Most rows one loopback query may return to a script.",
+        c"",
+        &LOOPBACK_MAX_ROWS,
+        0,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"airlock.loopback_max_statements",
+        c"Most loopback statements one call of a script may run.",
+        c"",
+        &LOOPBACK_MAX_STATEMENTS,
+        0,
+        i32::MAX,
+        GucContext::Suset,
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(

@@ -13,6 +13,7 @@ mod channel;
 mod convert;
 mod error;
 mod gucs;
+mod loopback;
 mod monitor;
 
 ::pgrx::pg_module_magic!();

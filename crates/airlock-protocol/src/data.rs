@@ -18,6 +18,22 @@
 //! script runs once per chunk while the rest of the input is still coming, so the backend
 //! reads whatever the runtime sends while it writes input.
 //!
+//! **Loopback queries** (`airlock.query` / `airlock.execute` in a script): the runtime
+//! sends `Query`, then one Arrow frame with the parameters (one row, one column per
+//! `$n`) if `has_params`. The backend runs the statement through SPI as the calling role,
+//! in the caller's transaction, and answers `QueryBegin`, the result rows as Arrow frames
+//! (for `query`), then `QueryEnd`; or `QueryError` at any point (rows already sent are
+//! void). Input frames sent before the answer belong to the input: a runtime waiting for
+//! an answer keeps them for later.
+//!
+//! ```text
+//!                                 ◄───────   Query{sql, mode, has_params}
+//!                                 ◄───────   Arrow(params)        if has_params
+//!   QueryBegin                    ───────►
+//!   Arrow(rows) *                 ───────►
+//!   QueryEnd{rows} | QueryError   ───────►
+//! ```
+//!
 //! Every input field carries its Postgres type in its metadata
 //! ([`crate::types::TYPE_METADATA_KEY`]); `output_columns` gives the caller's declared
 //! output types. docs/TYPES.md is the mapping both shims implement.
@@ -73,6 +89,31 @@ pub enum ToRuntime {
         rows_per_read: Option<u64>,
     },
     InputEnd,
+    /// The answer to a loopback query starts; Arrow frames up to `QueryEnd` are its rows.
+    QueryBegin,
+    /// The loopback statement finished: rows returned (`query`) or affected (`execute`).
+    QueryEnd {
+        rows: u64,
+    },
+    /// The loopback statement failed; the script gets an exception with these fields.
+    QueryError {
+        sqlstate: String,
+        message: String,
+        #[serde(default)]
+        detail: Option<String>,
+        #[serde(default)]
+        hint: Option<String>,
+    },
+}
+
+/// What a loopback statement returns to the script.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueryMode {
+    /// The rows, as a data frame.
+    Query,
+    /// The number of rows affected.
+    Execute,
 }
 
 /// What part of the runtime's work failed.
@@ -103,5 +144,13 @@ pub enum FromRuntime {
     },
     Done {
         rows: u64,
+    },
+    /// A loopback statement, run by the backend as the caller.
+    Query {
+        sql: String,
+        mode: QueryMode,
+        /// An Arrow frame with the parameters follows.
+        #[serde(default)]
+        has_params: bool,
     },
 }

@@ -28,6 +28,8 @@ pub struct Channel {
     send_lock: Mutex<()>,
     /// Largest frame the backend accepts from us; Start's max_frame_bytes lowers it.
     max_frame: AtomicUsize,
+    /// Input frames that arrived while a loopback query waited for its answer.
+    backlog: Mutex<std::collections::VecDeque<Frame>>,
 }
 
 impl Channel {
@@ -48,6 +50,7 @@ impl Channel {
             decoder: Mutex::new(FrameDecoder::with_limit(INPUT_FRAME_LIMIT)),
             send_lock: Mutex::new(()),
             max_frame: AtomicUsize::new(MAX_FRAME_LEN),
+            backlog: Mutex::new(std::collections::VecDeque::new()),
         })
     }
 
@@ -60,8 +63,31 @@ impl Channel {
         self.max_frame.load(Ordering::Relaxed)
     }
 
-    /// The next frame, or `None` on a clean end of stream between frames.
+    /// The next frame (kept ones first), or `None` on a clean end of stream between
+    /// frames.
     pub fn recv(&self) -> Result<Option<Frame>, BridgeError> {
+        let kept = self
+            .backlog
+            .lock()
+            .map_err(|_| BridgeError::State("backlog lock poisoned"))?
+            .pop_front();
+        match kept {
+            Some(frame) => Ok(Some(frame)),
+            None => self.recv_wire(),
+        }
+    }
+
+    /// Keeps a frame for a later `recv`.
+    pub fn keep(&self, frame: Frame) -> Result<(), BridgeError> {
+        self.backlog
+            .lock()
+            .map_err(|_| BridgeError::State("backlog lock poisoned"))?
+            .push_back(frame);
+        Ok(())
+    }
+
+    /// The next frame from the socket itself.
+    pub fn recv_wire(&self) -> Result<Option<Frame>, BridgeError> {
         let mut dec = self
             .decoder
             .lock()

@@ -139,9 +139,9 @@ impl Input {
                     self.ended = true;
                     Ok(())
                 }
-                ToRuntime::Start { .. } => Err(BridgeError::Protocol(
-                    "expected input rows or input_end, got a second start message".into(),
-                )),
+                other => Err(BridgeError::Protocol(format!(
+                    "expected input rows or input_end, got {other:?}"
+                ))),
             };
         }
         if !self.has_input {
@@ -222,6 +222,14 @@ fn column_types(schema: &SchemaRef) -> Result<Vec<PgType>, BridgeError> {
             Ok(t)
         })
         .collect()
+}
+
+/// A loopback query's result (its batches, possibly none but with a schema) as a
+/// data.frame, with the same conversions as the input.
+pub fn result_to_frame(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Robj, BridgeError> {
+    let types = column_types(schema)?;
+    let all = arrow_select::concat::concat_batches(schema, batches)?;
+    batch_to_frame(&all, &types, 0)
 }
 
 /// One record batch as a data.frame.

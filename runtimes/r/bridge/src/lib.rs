@@ -25,6 +25,7 @@
 mod channel;
 mod error;
 mod input;
+mod loopback;
 mod output;
 mod params;
 mod print;
@@ -342,6 +343,40 @@ fn clip(s: &str) -> String {
     )
 }
 
+/// Runs a loopback statement (`mode` "query" or "execute") with `params` (a list of
+/// length-1 values, or NULL). Returns the data.frame or the row count, or a list of
+/// class `airlock_query_failure` (sqlstate, message, detail, hint) when the statement
+/// failed, which the shim raises as an `airlock_query_error` condition.
+#[extendr]
+fn airlock_loopback(sql: &str, mode: &str, params: Robj) -> Robj {
+    reply((|| {
+        let chan = channel()?;
+        let mode = match mode {
+            "query" => airlock_protocol::data::QueryMode::Query,
+            _ => airlock_protocol::data::QueryMode::Execute,
+        };
+        match loopback::run(&chan, sql, mode, &params)? {
+            loopback::Answer::Value(v) => Ok(v),
+            loopback::Answer::Failed(sqlstate, message, detail, hint) => {
+                let text = |s: Option<String>| -> Result<Robj, BridgeError> {
+                    match s {
+                        Some(s) => rapi::string(&s),
+                        None => Ok(rapi::null()),
+                    }
+                };
+                let mut v = named_list(vec![
+                    ("sqlstate", rapi::string(&sqlstate)?),
+                    ("message", rapi::string(&message)?),
+                    ("detail", text(detail)?),
+                    ("hint", text(hint)?),
+                ])?;
+                rapi::set_class(&mut v, &["airlock_query_failure"])?;
+                Ok(v)
+            }
+        }
+    })())
+}
+
 extendr_module! {
     mod airlock_r;
     fn airlock_start;
@@ -351,4 +386,5 @@ extendr_module! {
     fn airlock_send_frame;
     fn airlock_send_done;
     fn airlock_send_error;
+    fn airlock_loopback;
 }

@@ -140,6 +140,49 @@ fn kind(x: &Robj) -> Kind {
     }
 }
 
+/// One loopback parameter (`$n`, an R value of length 1) as a one-row Arrow column and
+/// the Postgres type it binds as, chosen by its R class.
+pub fn param_column(x: &Robj, index: usize) -> Result<(ArrayRef, PgType), BridgeError> {
+    let name = format!("${}", index + 1);
+    let scalar = match kind(x) {
+        Kind::Logical => Scalar::Bool,
+        Kind::Integer => Scalar::Int4,
+        Kind::Integer64 => Scalar::Int8,
+        Kind::Double => Scalar::Float8,
+        Kind::Character | Kind::Factor => Scalar::Text,
+        Kind::Date => Scalar::Date,
+        Kind::Posixct => Scalar::Timestamptz,
+        Kind::Difftime(_) => Scalar::Interval,
+        _ if x.sexptype() == SEXPTYPE::RAWSXP => Scalar::Bytea,
+        _ => {
+            return Err(BridgeError::Output(format!(
+                "loopback parameter {name} is {}, which airlock cannot bind",
+                describe(x)
+            )))
+        }
+    };
+    let ctx = Ctx {
+        index,
+        name: &name,
+        frame: "the loopback parameters",
+        declared: PgType::scalar(scalar),
+    };
+    if scalar == Scalar::Bytea {
+        // One raw vector is one bytea value: wrap it as a list column of one.
+        let mut list = rapi::alloc(SEXPTYPE::VECSXP, 1)?;
+        // SAFETY: x is a live protected Robj; the list references it from now on.
+        rapi::set_list_elt(&mut list, 0, unsafe { x.get() });
+        return Ok((scalar_column(&list, scalar, &ctx)?, PgType::scalar(scalar)));
+    }
+    if x.len() != 1 {
+        return Err(BridgeError::Output(format!(
+            "loopback parameter {name} has {} values; a parameter is one value",
+            x.len()
+        )));
+    }
+    Ok((scalar_column(x, scalar, &ctx)?, PgType::scalar(scalar)))
+}
+
 /// The Arrow type sent for a declared scalar type when the value is not character.
 fn native_type(s: Scalar) -> DataType {
     match s {
