@@ -8,6 +8,8 @@
 #   PREFIX/venv/                    venv on Debian's /usr/bin/python3
 #   PREFIX/venv/.airlock-requirements.sha256   stamp: hash of the installed requirements
 #   PREFIX/shim/airlock_runtime.py  the shim
+#   PREFIX/shim/airlock_warm.py     the warm path's pre-initialised interpreter (airlockd
+#                                   starts it; each call is cloned from it, then sandboxed)
 #
 # The runtime is bind-mounted read-only into each sandbox and run by an unprivileged uid,
 # so everything ends up root-owned, world-readable and traversable, and all bytecode is
@@ -21,6 +23,7 @@ SYSTEM_PYTHON=/usr/bin/python3
 SRC_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/../runtimes/python" && pwd)"
 REQUIREMENTS="$SRC_DIR/requirements.txt"
 SHIM="$SRC_DIR/airlock_runtime.py"
+WARM="$SRC_DIR/airlock_warm.py"
 VENV="$PREFIX/venv"
 STAMP="$VENV/.airlock-requirements.sha256"
 
@@ -32,6 +35,7 @@ umask 022
 
 [[ -f "$REQUIREMENTS" ]] || die "missing $REQUIREMENTS"
 [[ -f "$SHIM" ]] || die "missing $SHIM"
+[[ -f "$WARM" ]] || die "missing $WARM"
 [[ "$PREFIX" = /* ]] || die "PREFIX must be an absolute path, got '$PREFIX'"
 
 IS_ROOT=0
@@ -92,7 +96,8 @@ fi
 # Step 5: the shim.
 mkdir -p "$PREFIX/shim"
 install -m 0644 "$SHIM" "$PREFIX/shim/airlock_runtime.py"
-say "shim: installed $PREFIX/shim/airlock_runtime.py"
+install -m 0644 "$WARM" "$PREFIX/shim/airlock_warm.py"
+say "shim: installed $PREFIX/shim/airlock_runtime.py and airlock_warm.py"
 
 # Step 6: bytecode ahead of time. The sandbox mounts the runtime read-only and runs the
 # shim with -B, so any module without a .pyc here is compiled again on every run.

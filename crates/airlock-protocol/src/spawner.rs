@@ -47,6 +47,21 @@ pub struct SpawnRequest {
     /// RLIMIT_CPU of each process, seconds: a per-process backstop behind the daemon's
     /// per-call CPU accounting. 0 keeps the sandbox's default.
     pub cpu_rlimit_seconds: u64,
+    /// The warm path: clone this call's sandbox from the pre-initialised interpreter
+    /// started with this spec, if one is ready; otherwise start `argv` cold. The sandbox
+    /// is the same either way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm: Option<WarmSpec>,
+}
+
+/// How to start a pre-initialised interpreter (a zygote) for the warm path: a root
+/// process outside any sandbox that imports its libraries once, runs no user code, and
+/// clones each call's sandbox from itself (`runtimes/python/airlock_warm.py`). The
+/// spawner gives it its socket as fd 3 and the sandbox library as fd 4.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WarmSpec {
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
 }
 
 /// Daemon → spawner.
@@ -54,6 +69,9 @@ pub struct SpawnRequest {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ToSpawner {
     Spawn(Box<SpawnRequest>),
+    /// Start the pre-initialised interpreter of this spec now (if it is not running), so
+    /// the first call is warm too.
+    Prepare(WarmSpec),
     /// Kill the whole sandbox of this call (SIGKILL to its pid-namespace init).
     Kill {
         call_id: u64,
@@ -72,7 +90,49 @@ pub enum ExitStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum FromSpawner {
-    Spawned { call_id: u64, pid: i32 },
-    SpawnFailed { call_id: u64, error: String },
-    Exited { call_id: u64, status: ExitStatus },
+    /// `warm`: cloned from a pre-initialised interpreter rather than exec'd.
+    Spawned {
+        call_id: u64,
+        pid: i32,
+        #[serde(default)]
+        warm: bool,
+    },
+    SpawnFailed {
+        call_id: u64,
+        error: String,
+    },
+    Exited {
+        call_id: u64,
+        status: ExitStatus,
+    },
+    /// A pre-initialised interpreter became ready, or stopped (with why), for the log.
+    Warm {
+        program: String,
+        ready: bool,
+        detail: String,
+    },
+}
+
+/// Pre-initialised interpreter → spawner (the spawner sends it `ToSpawner::Spawn`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum FromZygote {
+    /// Libraries imported, single-threaded, waiting for calls.
+    Ready {
+        pid: i32,
+    },
+    /// The call's sandbox runs; a pidfd of its init travels beside this message.
+    Spawned {
+        call_id: u64,
+        pid: i32,
+    },
+    SpawnFailed {
+        call_id: u64,
+        error: String,
+    },
+    /// The zygote is the sandbox init's parent: it reaps it and reports how it ended.
+    Exited {
+        call_id: u64,
+        status: ExitStatus,
+    },
 }

@@ -74,6 +74,10 @@ pub enum SandboxError {
     Pipe { what: &'static str, source: Errno },
     #[error("clone the sandbox init: {0}")]
     Clone(Errno),
+    #[error("duplicate the sandbox's pidfd for the warm path: {0}")]
+    DupPidfd(io::Error),
+    #[error("warm path: the spawn request is not valid JSON: {0}")]
+    WarmRequest(serde_json::Error),
     #[error("write /proc/{pid}/{file}: {source}")]
     IdMap {
         pid: i32,

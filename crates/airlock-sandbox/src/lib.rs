@@ -18,11 +18,18 @@
 //!   module. A kernel that does not fully enforce one of them makes [`spawn`] fail;
 //!   [`probe()`] reports each layer for `airlockd --check`.
 //!
-//! All `unsafe` code is in the private `sys` module; the lint below keeps it there.
+//! * [`spawn_in_place`] is the warm path: the same steps, but the sandbox init returns
+//!   into the caller's code instead of exec, so a pre-initialised interpreter (pandas
+//!   already imported, no user code ever run in it) continues inside each call's fresh
+//!   sandbox. [`ffi`] is its C ABI, built into `libairlock_sandbox.so`.
+//!
+//! All `unsafe` code is in the private `sys` module (and the C ABI in `ffi`); the lint below keeps it there.
 #![deny(unsafe_code)]
 
 pub mod cgroup;
 mod error;
+#[allow(unsafe_code)] // The C ABI of the warm path (no_mangle, raw pointers); SAFETY on each block.
+pub mod ffi;
 mod landlock_rules;
 mod plan;
 mod policy;
@@ -37,5 +44,5 @@ mod sys;
 pub use error::SandboxError;
 pub use probe::{probe, Layer, LayerStatus};
 pub use setup::DATA_FD;
-pub use spawn::{spawn, Sandbox};
+pub use spawn::{spawn, spawn_in_place, Forked, Sandbox};
 pub use spawner::{recv_message, run_spawner, send_message, MAX_MESSAGE_LEN};

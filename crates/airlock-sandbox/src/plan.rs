@@ -329,6 +329,7 @@ mod tests {
             tmp_size_bytes: 1 << 20,
             cgroup_procs: Vec::new(),
             cpu_rlimit_seconds: 0,
+            warm: None,
         }
     }
 

@@ -417,12 +417,36 @@ pub(crate) struct ChildFds<'a> {
 /// The whole life of the sandbox init between `clone` and `execve`. Never returns: it
 /// execs the runtime, or reports the failed step on the result pipe and exits 127.
 pub(crate) fn child_main(plan: &mut Plan, fds: ChildFds<'_>) -> ! {
+    let (failure, result_fd) = match child_setup(plan, fds) {
+        Ok(result_fd) => (exec_runtime(plan), result_fd),
+        Err(failed) => failed,
+    };
+    report_and_exit(failure, result_fd)
+}
+
+/// The warm path's sandbox init: the same steps as [`child_main`], in the same order,
+/// but instead of exec it closes the result pipe (EOF tells the parent every step is in
+/// force) and returns, so the pre-initialised interpreter that cloned it goes on to run
+/// the call inside the finished sandbox. On failure it reports and exits like
+/// [`child_main`]; it returns only when fully confined.
+pub(crate) fn child_in_place(plan: &mut Plan, fds: ChildFds<'_>) {
+    match child_setup(plan, fds) {
+        Ok(result_fd) => {
+            // Nothing else of the setup is open any more (`install_fds` closed it all).
+            let _ = nix::unistd::close(result_fd);
+        }
+        Err((failure, result_fd)) => report_and_exit(failure, result_fd),
+    }
+}
+
+/// Every step up to and including seccomp; returns the result pipe's fd (above 3).
+fn child_setup(plan: &mut Plan, fds: ChildFds<'_>) -> Result<RawFd, (Failure, RawFd)> {
     // The parent's ends of the two pipes: without closing them here, EOF on the release
     // pipe could never be seen if the parent died.
     let _ = nix::unistd::close(fds.release_write);
     let _ = nix::unistd::close(fds.result_read);
     let mut result_fd = fds.result_write.as_raw_fd();
-    let outcome: Result<std::convert::Infallible, Failure> = (|| {
+    let steps = (|| {
         reset_process_state()?;
         wait_for_release(fds.release_read)?;
         enter_sandbox(plan)?;
@@ -430,10 +454,15 @@ pub(crate) fn child_main(plan: &mut Plan, fds: ChildFds<'_>) -> ! {
         restrict_filesystem(plan)?;
         result_fd = install_fds(fds.data.as_raw_fd(), result_fd)?;
         set_rlimits(plan)?;
-        apply_seccomp(plan)?;
-        Err(exec_runtime(plan))
+        apply_seccomp(plan)
     })();
-    let Err(failure) = outcome;
+    match steps {
+        Ok(()) => Ok(result_fd),
+        Err(failure) => Err((failure, result_fd)),
+    }
+}
+
+fn report_and_exit(failure: Failure, result_fd: RawFd) -> ! {
     // Best effort: if the parent is gone there is nobody to tell.
     let _ = sys::write_raw(result_fd, &failure.encode());
     sys::exit_now(127)
@@ -881,6 +910,7 @@ mod tests {
             tmp_size_bytes: 1 << 20,
             cgroup_procs: Vec::new(),
             cpu_rlimit_seconds: 0,
+            warm: None,
         }
     }
 

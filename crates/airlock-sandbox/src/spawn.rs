@@ -71,6 +71,17 @@ impl Sandbox {
     }
 }
 
+impl Sandbox {
+    /// Gives up the handle without killing the sandbox: the caller (the warm path's
+    /// interpreter, through `ffi`) waits for it and kills it itself. If the pidfd
+    /// cannot be duplicated (out of fds) the sandbox is killed and that is the error.
+    pub fn into_parts(mut self) -> Result<(i32, OwnedFd), SandboxError> {
+        let pidfd = self.pidfd.try_clone().map_err(SandboxError::DupPidfd)?;
+        self.reaped = true;
+        Ok((self.pid, pidfd))
+    }
+}
+
 impl Drop for Sandbox {
     fn drop(&mut self) {
         if !self.reaped {
@@ -108,6 +119,45 @@ pub(crate) const NAMESPACES: CloneFlags = CloneFlags::CLONE_NEWUSER
 /// then briefly holds copies of every fd other threads opened, until it closes all but
 /// fds 0-3 just before exec.
 pub fn spawn(req: &SpawnRequest, data_fd: OwnedFd) -> Result<Sandbox, SandboxError> {
+    match start(req, data_fd, ChildEnd::Exec)? {
+        Forked::Parent(sandbox) => Ok(sandbox),
+        // `ChildEnd::Exec` never returns in the child.
+        Forked::InSandbox => unreachable!("the cold sandbox init execs or exits"),
+    }
+}
+
+/// Which side of [`spawn_in_place`] the caller is on.
+#[derive(Debug)]
+pub enum Forked {
+    /// The caller's process, with the new sandbox's handle.
+    Parent(Sandbox),
+    /// The new process, returned into the caller's code inside the finished sandbox:
+    /// fresh namespaces, the worker identity, Landlock, rlimits and seccomp all in
+    /// force, fds 0-2 /dev/null and the data socket as fd 3, every other fd closed.
+    InSandbox,
+}
+
+/// The warm path: like [`spawn`], but the sandbox init does not exec. It runs every step
+/// of [`spawn`] in the same order and then returns [`Forked::InSandbox`] into the
+/// caller's code, a copy of the caller's memory (a pre-initialised interpreter) that
+/// continues inside the sandbox. The parent gets [`Forked::Parent`] once every step is
+/// in force; a failed step is an error in the parent and the child is gone.
+///
+/// Must be called from a single-threaded process (the clone copies no other thread,
+/// and the child continues in code that may allocate). The child must not run the
+/// destructors of objects it inherited that own fds: every fd but 0-3 is closed.
+pub fn spawn_in_place(req: &SpawnRequest, data_fd: OwnedFd) -> Result<Forked, SandboxError> {
+    start(req, data_fd, ChildEnd::Return)
+}
+
+/// How the sandbox init ends its setup.
+#[derive(Clone, Copy)]
+enum ChildEnd {
+    Exec,
+    Return,
+}
+
+fn start(req: &SpawnRequest, data_fd: OwnedFd, end: ChildEnd) -> Result<Forked, SandboxError> {
     let mut plan = Plan::new(req)?;
     refuse_supplementary_groups()?;
     let (release_read, release_write) =
@@ -123,16 +173,32 @@ pub fn spawn(req: &SpawnRequest, data_fd: OwnedFd) -> Result<Sandbox, SandboxErr
 
     let (pid, pidfd) =
         match sys::clone_sandbox_init(NAMESPACES.bits() as u64).map_err(SandboxError::Clone)? {
-            Cloned::Child => setup::child_main(
-                &mut plan,
-                ChildFds {
+            Cloned::Child => {
+                let fds = ChildFds {
                     data: data_fd.as_fd(),
                     release_read: release_read.as_fd(),
                     release_write: release_write.as_raw_fd(),
                     result_read: result_read.as_raw_fd(),
                     result_write: result_write.as_fd(),
-                },
-            ),
+                };
+                match end {
+                    ChildEnd::Exec => setup::child_main(&mut plan, fds),
+                    ChildEnd::Return => {
+                        setup::child_in_place(&mut plan, fds);
+                        // Their fds are closed already (install_fds): running the
+                        // destructors would close numbers that may be reused.
+                        std::mem::forget((
+                            plan,
+                            data_fd,
+                            release_read,
+                            release_write,
+                            result_read,
+                            result_write,
+                        ));
+                        return Ok(Forked::InSandbox);
+                    }
+                }
+            }
             Cloned::Parent { pid, pidfd } => (pid, pidfd),
         };
     // The parent's copies of the child's ends: the result pipe must see EOF when the
@@ -149,7 +215,7 @@ pub fn spawn(req: &SpawnRequest, data_fd: OwnedFd) -> Result<Sandbox, SandboxErr
     release(&release_write)?;
     drop(release_write);
     match read_result(&result_read)? {
-        None => Ok(sandbox),
+        None => Ok(Forked::Parent(sandbox)),
         Some(bytes) => {
             // The child _exits right after reporting; reap it before answering.
             let _ = sandbox.wait();

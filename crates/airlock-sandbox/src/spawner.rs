@@ -9,12 +9,20 @@
 
 use std::io::IoSlice;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
-use airlock_protocol::spawner::{FromSpawner, SpawnRequest, ToSpawner};
+use airlock_protocol::spawner::{
+    ExitStatus, FromSpawner, FromZygote, SpawnRequest, ToSpawner, WarmSpec,
+};
 use airlock_protocol::{encode_control, FrameDecoder};
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+use nix::sys::signal::Signal;
+use nix::sys::socket::{
+    sendmsg, socketpair, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType,
+};
+use nix::sys::wait::{waitid, Id, WaitPidFlag};
 use nix::unistd::setgroups;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -24,6 +32,19 @@ use crate::{spawn, sys, Sandbox, SandboxError};
 /// Largest message the spawner reads; a `SpawnRequest` is a few KiB.
 pub const MAX_MESSAGE_LEN: usize = 1 << 20;
 
+/// How long a pre-initialised interpreter may take to clone one sandbox before the
+/// spawner gives up on it (kills it, fails the call with a clear error) instead of
+/// hanging every call behind it.
+const WARM_SPAWN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Least time between two starts of the same pre-initialised interpreter, so one that
+/// dies at start is not restarted in a loop.
+const WARM_RESTART_BACKOFF: Duration = Duration::from_secs(5);
+
+/// The sandbox library the warm path's interpreters load (`libairlock_sandbox.so`),
+/// looked for next to this executable, then in /usr/local/lib/airlock.
+const WARM_LIBRARY: &str = "libairlock_sandbox.so";
+
 /// Runs the spawner until the daemon closes its end of `sock`, then kills and reaps
 /// every sandbox still running and returns `Ok`. On any other error (malformed message,
 /// socket failure) it also kills and reaps everything, then returns the error.
@@ -32,55 +53,148 @@ pub const MAX_MESSAGE_LEN: usize = 1 << 20;
 /// process's supplementary groups, so sandboxes inherit none of root's.
 pub fn run_spawner(sock: OwnedFd) -> Result<(), SandboxError> {
     setgroups(&[]).map_err(SandboxError::SetGroups)?;
-    let mut live: Vec<(u64, Sandbox)> = Vec::new();
-    let result = serve(sock.as_fd(), &mut live);
+    let mut state = State::default();
+    let result = serve(sock.as_fd(), &mut state);
     // Whatever ended the loop, no sandbox outlives the spawner: all are killed first,
-    // then reaped (each wait returns once that sandbox's pid namespace is empty).
-    for (_, sandbox) in &live {
-        let _ = sandbox.kill();
+    // then reaped (each wait returns once that sandbox's pid namespace is empty). Warm
+    // sandboxes are the zygotes' children: killed here, reaped by the zygote or, once
+    // it is gone too, by init.
+    for (_, live) in &state.live {
+        live.kill();
     }
-    for (_, mut sandbox) in live.drain(..) {
-        let _ = sandbox.wait();
+    for zygote in &state.zygotes {
+        zygote.kill();
+    }
+    for (_, live) in state.live.drain(..) {
+        if let Live::Cold(mut sandbox) = live {
+            let _ = sandbox.wait();
+        }
+    }
+    for zygote in state.zygotes.drain(..) {
+        let _ = waitid(Id::PIDFd(zygote.pidfd.as_fd()), WaitPidFlag::WEXITED);
     }
     result
 }
 
-fn serve(sock: BorrowedFd<'_>, live: &mut Vec<(u64, Sandbox)>) -> Result<(), SandboxError> {
+/// A running sandbox, by how it was made.
+enum Live {
+    /// Cloned and exec'd by this process; its child.
+    Cold(Sandbox),
+    /// Cloned by a zygote (its child); the zygote reports its exit.
+    Warm { pidfd: OwnedFd, zygote: u32 },
+}
+
+impl Live {
+    fn kill(&self) {
+        match self {
+            Live::Cold(sandbox) => {
+                let _ = sandbox.kill();
+            }
+            Live::Warm { pidfd, .. } => {
+                let _ = sys::pidfd_send_signal(pidfd.as_fd(), Signal::SIGKILL as i32);
+            }
+        }
+    }
+}
+
+/// One pre-initialised interpreter, the spawner's child.
+struct Zygote {
+    id: u32,
+    spec: WarmSpec,
+    pidfd: OwnedFd,
+    sock: OwnedFd,
+    ready: bool,
+}
+
+impl Zygote {
+    fn kill(&self) {
+        let _ = sys::pidfd_send_signal(self.pidfd.as_fd(), Signal::SIGKILL as i32);
+    }
+}
+
+#[derive(Default)]
+struct State {
+    live: Vec<(u64, Live)>,
+    zygotes: Vec<Zygote>,
+    /// When each spec was last started, for the restart backoff.
+    started: Vec<(WarmSpec, Instant)>,
+    next_zygote: u32,
+}
+
+/// What a poll woke up for.
+enum Ready {
+    Daemon,
+    Cold(usize),
+    ZygoteMessage(u32),
+    ZygoteExited(u32),
+}
+
+fn serve(sock: BorrowedFd<'_>, state: &mut State) -> Result<(), SandboxError> {
     let mut buf = vec![0u8; MAX_MESSAGE_LEN];
     loop {
-        let (sock_ready, exited) = {
-            let mut fds: Vec<PollFd<'_>> = std::iter::once(sock)
-                .chain(live.iter().map(|(_, s)| s.pidfd.as_fd()))
-                .map(|fd| PollFd::new(fd, PollFlags::POLLIN))
-                .collect();
+        let ready = {
+            let mut fds: Vec<PollFd<'_>> = vec![PollFd::new(sock, PollFlags::POLLIN)];
+            let mut what = vec![Ready::Daemon];
+            for (i, (_, live)) in state.live.iter().enumerate() {
+                if let Live::Cold(sandbox) = live {
+                    fds.push(PollFd::new(sandbox.pidfd.as_fd(), PollFlags::POLLIN));
+                    what.push(Ready::Cold(i));
+                }
+            }
+            for z in &state.zygotes {
+                fds.push(PollFd::new(z.sock.as_fd(), PollFlags::POLLIN));
+                what.push(Ready::ZygoteMessage(z.id));
+                fds.push(PollFd::new(z.pidfd.as_fd(), PollFlags::POLLIN));
+                what.push(Ready::ZygoteExited(z.id));
+            }
             match poll(&mut fds, PollTimeout::NONE) {
                 Ok(_) => {}
                 Err(Errno::EINTR) => continue,
                 Err(e) => return Err(SandboxError::Poll(e)),
             }
-            let ready = |p: &PollFd<'_>| p.revents().is_some_and(|r| !r.is_empty());
-            let exited: Vec<usize> = fds[1..]
-                .iter()
-                .enumerate()
-                .filter(|(_, p)| ready(p))
-                .map(|(i, _)| i)
-                .collect();
-            (ready(&fds[0]), exited)
+            let is_ready = |p: &PollFd<'_>| p.revents().is_some_and(|r| !r.is_empty());
+            fds.iter()
+                .zip(what)
+                .filter(|(p, _)| is_ready(p))
+                .map(|(_, w)| w)
+                .collect::<Vec<_>>()
         };
-        // Highest index first, so swap_remove never moves an entry still to be handled.
-        for i in exited.into_iter().rev() {
-            let (call_id, mut sandbox) = live.swap_remove(i);
-            let status = sandbox.wait()?;
-            send_message(sock, &FromSpawner::Exited { call_id, status }, None)?;
+        let mut exited_cold: Vec<usize> = Vec::new();
+        let mut daemon_ready = false;
+        for r in ready {
+            match r {
+                Ready::Daemon => daemon_ready = true,
+                Ready::Cold(i) => exited_cold.push(i),
+                Ready::ZygoteMessage(id) => {
+                    if let Err(detail) = zygote_message(sock, state, id) {
+                        stop_zygote(sock, state, id, &detail)?;
+                    }
+                }
+                Ready::ZygoteExited(id) => stop_zygote(sock, state, id, "it exited")?,
+            }
         }
-        if sock_ready {
+        // Highest index first, so swap_remove never moves an entry still to be handled.
+        exited_cold.sort_unstable();
+        for i in exited_cold.into_iter().rev() {
+            let (call_id, live) = state.live.swap_remove(i);
+            if let Live::Cold(mut sandbox) = live {
+                let status = sandbox.wait()?;
+                send_message(sock, &FromSpawner::Exited { call_id, status }, None)?;
+            }
+        }
+        if daemon_ready {
             match recv_message::<ToSpawner>(sock, &mut buf)? {
                 None => return Ok(()),
-                Some((ToSpawner::Spawn(req), fds)) => handle_spawn(sock, live, *req, fds)?,
+                Some((ToSpawner::Spawn(req), fds)) => handle_spawn(sock, state, *req, fds)?,
+                Some((ToSpawner::Prepare(spec), _)) => {
+                    if !state.zygotes.iter().any(|z| z.spec == spec) {
+                        start_zygote(sock, state, &spec)?;
+                    }
+                }
                 Some((ToSpawner::Kill { call_id }, _)) => {
                     // An unknown call has already exited; its Exited is sent or on its way.
-                    if let Some((_, sandbox)) = live.iter().find(|(id, _)| *id == call_id) {
-                        sandbox.kill()?;
+                    if let Some((_, live)) = state.live.iter().find(|(id, _)| *id == call_id) {
+                        live.kill();
                     }
                 }
             }
@@ -90,7 +204,7 @@ fn serve(sock: BorrowedFd<'_>, live: &mut Vec<(u64, Sandbox)>) -> Result<(), San
 
 fn handle_spawn(
     sock: BorrowedFd<'_>,
-    live: &mut Vec<(u64, Sandbox)>,
+    state: &mut State,
     req: SpawnRequest,
     mut fds: Vec<OwnedFd>,
 ) -> Result<(), SandboxError> {
@@ -101,22 +215,341 @@ fn handle_spawn(
             "a spawn request carries exactly one fd (the data socket), this one carried {}",
             fds.len()
         ))
-    } else if live.iter().any(|(id, _)| *id == call_id) {
+    } else if state.live.iter().any(|(id, _)| *id == call_id) {
         refuse(format!("call {call_id} already has a running sandbox"))
     } else {
         // The length was checked just above.
         let data = fds.remove(0);
-        match spawn(&req, data) {
-            Ok(sandbox) => {
-                let pid = sandbox.pid;
-                // Tracked before replying, so a failed reply still gets it killed.
-                live.push((call_id, sandbox));
-                FromSpawner::Spawned { call_id, pid }
+        let warm = match &req.warm {
+            Some(spec) => warm_spawn(sock, state, spec, &req, data.as_fd())?,
+            None => WarmOutcome::Unavailable,
+        };
+        match warm {
+            WarmOutcome::Started { pid, live } => {
+                state.live.push((call_id, live));
+                FromSpawner::Spawned {
+                    call_id,
+                    pid,
+                    warm: true,
+                }
             }
-            Err(e) => refuse(e.to_string()),
+            WarmOutcome::Failed(error) => refuse(error),
+            // Nothing reached a zygote: the call starts cold, with the same sandbox.
+            WarmOutcome::Unavailable => match spawn(&req, data) {
+                Ok(sandbox) => {
+                    let pid = sandbox.pid;
+                    // Tracked before replying, so a failed reply still gets it killed.
+                    state.live.push((call_id, Live::Cold(sandbox)));
+                    FromSpawner::Spawned {
+                        call_id,
+                        pid,
+                        warm: false,
+                    }
+                }
+                Err(e) => refuse(e.to_string()),
+            },
         }
     };
     send_message(sock, &reply, None)
+}
+
+enum WarmOutcome {
+    Started {
+        pid: i32,
+        live: Live,
+    },
+    /// The data socket went to a zygote and the call cannot be started: a clear error,
+    /// never a second sandbox on the same socket.
+    Failed(String),
+    /// No zygote is ready (or the request never reached it): start cold.
+    Unavailable,
+}
+
+/// Hands the call to the ready zygote of `spec` and waits (bounded) for its answer.
+fn warm_spawn(
+    sock: BorrowedFd<'_>,
+    state: &mut State,
+    spec: &WarmSpec,
+    req: &SpawnRequest,
+    data: BorrowedFd<'_>,
+) -> Result<WarmOutcome, SandboxError> {
+    let Some(zygote) = state.zygotes.iter().find(|z| z.spec == *spec) else {
+        start_zygote(sock, state, spec)?;
+        return Ok(WarmOutcome::Unavailable);
+    };
+    if !zygote.ready {
+        return Ok(WarmOutcome::Unavailable);
+    }
+    let id = zygote.id;
+    let forwarded = ToSpawner::Spawn(Box::new(req.clone()));
+    if let Err(e) = send_message(zygote.sock.as_fd(), &forwarded, Some(data)) {
+        // sendmsg failed: the fd did not travel.
+        stop_zygote(sock, state, id, &format!("sending it a call failed: {e}"))?;
+        return Ok(WarmOutcome::Unavailable);
+    }
+    let deadline = Instant::now() + WARM_SPAWN_TIMEOUT;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let Some(zygote) = state.zygotes.iter().find(|z| z.id == id) else {
+            return Ok(WarmOutcome::Failed(lost_warm(req)));
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut fds = [PollFd::new(zygote.sock.as_fd(), PollFlags::POLLIN)];
+        let timeout = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
+        match poll(&mut fds, timeout) {
+            Ok(0) => {
+                stop_zygote(sock, state, id, "it did not answer within 10 s")?;
+                return Ok(WarmOutcome::Failed(lost_warm(req)));
+            }
+            Ok(_) => {}
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(SandboxError::Poll(e)),
+        }
+        let message = recv_message::<FromZygote>(zygote.sock.as_fd(), &mut buf);
+        match message {
+            Ok(Some((FromZygote::Spawned { call_id, pid }, mut fds)))
+                if call_id == req.call_id && fds.len() == 1 =>
+            {
+                let pidfd = fds.remove(0);
+                let live = Live::Warm { pidfd, zygote: id };
+                return Ok(WarmOutcome::Started { pid, live });
+            }
+            Ok(Some((FromZygote::SpawnFailed { call_id, error }, _))) if call_id == req.call_id => {
+                return Ok(WarmOutcome::Failed(error));
+            }
+            Ok(Some((FromZygote::Exited { call_id, status }, _))) => {
+                warm_exited(sock, state, call_id, status)?;
+            }
+            Ok(Some((other, _))) => {
+                let detail = format!("it sent {other:?} while starting call {}", req.call_id);
+                stop_zygote(sock, state, id, &detail)?;
+                return Ok(WarmOutcome::Failed(lost_warm(req)));
+            }
+            Ok(None) => {
+                stop_zygote(sock, state, id, "it closed its socket")?;
+                return Ok(WarmOutcome::Failed(lost_warm(req)));
+            }
+            Err(e) => {
+                stop_zygote(sock, state, id, &e.to_string())?;
+                return Ok(WarmOutcome::Failed(lost_warm(req)));
+            }
+        }
+    }
+}
+
+fn lost_warm(req: &SpawnRequest) -> String {
+    let program = req
+        .warm
+        .as_ref()
+        .and_then(|w| w.argv.last())
+        .cloned()
+        .unwrap_or_default();
+    format!(
+        "the pre-initialised interpreter ({program}) stopped while starting this call's \
+         sandbox; the next call starts a new one (see airlockd's log)"
+    )
+}
+
+/// A message a zygote sent outside a spawn: only exits are expected.
+fn zygote_message(sock: BorrowedFd<'_>, state: &mut State, id: u32) -> Result<(), String> {
+    let Some(zygote) = state.zygotes.iter_mut().find(|z| z.id == id) else {
+        return Ok(());
+    };
+    let mut buf = vec![0u8; 64 * 1024];
+    match recv_message::<FromZygote>(zygote.sock.as_fd(), &mut buf) {
+        Ok(Some((FromZygote::Ready { pid }, _))) if !zygote.ready => {
+            zygote.ready = true;
+            let program = zygote.spec.argv.last().cloned().unwrap_or_default();
+            let detail = format!("pid {pid}, libraries imported");
+            send_message(
+                sock,
+                &FromSpawner::Warm {
+                    program,
+                    ready: true,
+                    detail,
+                },
+                None,
+            )
+            .map_err(|e| e.to_string())
+        }
+        Ok(Some((FromZygote::Exited { call_id, status }, _))) => {
+            warm_exited(sock, state, call_id, status).map_err(|e| e.to_string())
+        }
+        Ok(Some((other, _))) => Err(format!("it sent {other:?} unasked")),
+        Ok(None) => Err("it closed its socket".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn warm_exited(
+    sock: BorrowedFd<'_>,
+    state: &mut State,
+    call_id: u64,
+    status: ExitStatus,
+) -> Result<(), SandboxError> {
+    if let Some(i) = state
+        .live
+        .iter()
+        .position(|(id, l)| *id == call_id && matches!(l, Live::Warm { .. }))
+    {
+        state.live.swap_remove(i);
+        send_message(sock, &FromSpawner::Exited { call_id, status }, None)?;
+    }
+    Ok(())
+}
+
+/// Kills and reaps a zygote; its sandboxes are killed and reported as killed (their
+/// parent-death signal would take them anyway). The next warm request restarts it.
+fn stop_zygote(
+    sock: BorrowedFd<'_>,
+    state: &mut State,
+    id: u32,
+    why: &str,
+) -> Result<(), SandboxError> {
+    let Some(i) = state.zygotes.iter().position(|z| z.id == id) else {
+        return Ok(());
+    };
+    let zygote = state.zygotes.swap_remove(i);
+    zygote.kill();
+    let _ = waitid(Id::PIDFd(zygote.pidfd.as_fd()), WaitPidFlag::WEXITED);
+    let orphans: Vec<u64> = state
+        .live
+        .iter()
+        .filter(|(_, l)| matches!(l, Live::Warm { zygote, .. } if *zygote == id))
+        .map(|(c, _)| *c)
+        .collect();
+    for call_id in orphans {
+        if let Some(i) = state.live.iter().position(|(c, _)| *c == call_id) {
+            let (_, live) = state.live.swap_remove(i);
+            live.kill();
+            let status = ExitStatus::Signal {
+                signal: Signal::SIGKILL as i32,
+            };
+            send_message(sock, &FromSpawner::Exited { call_id, status }, None)?;
+        }
+    }
+    let program = zygote.spec.argv.last().cloned().unwrap_or_default();
+    let detail = format!("stopped: {why}; calls start cold until it is restarted");
+    send_message(
+        sock,
+        &FromSpawner::Warm {
+            program,
+            ready: false,
+            detail,
+        },
+        None,
+    )
+}
+
+/// Starts the zygote of `spec` (unless one was started within the backoff), with its
+/// socket as fd 3 and a sealed in-memory copy of the sandbox library as fd 4. It
+/// reports `Ready` when its libraries are imported; until then calls start cold.
+fn start_zygote(
+    sock: BorrowedFd<'_>,
+    state: &mut State,
+    spec: &WarmSpec,
+) -> Result<(), SandboxError> {
+    let now = Instant::now();
+    if let Some((_, at)) = state.started.iter().find(|(s, _)| s == spec) {
+        if now.duration_since(*at) < WARM_RESTART_BACKOFF {
+            return Ok(());
+        }
+    }
+    state.started.retain(|(s, _)| s != spec);
+    state.started.push((spec.clone(), now));
+    let program = spec.argv.last().cloned().unwrap_or_default();
+    match launch_zygote(spec) {
+        Ok((pidfd, zsock)) => {
+            state.next_zygote += 1;
+            state.zygotes.push(Zygote {
+                id: state.next_zygote,
+                spec: spec.clone(),
+                pidfd,
+                sock: zsock,
+                ready: false,
+            });
+            Ok(())
+        }
+        Err(detail) => {
+            let detail = format!("not started: {detail}; calls start cold");
+            send_message(
+                sock,
+                &FromSpawner::Warm {
+                    program,
+                    ready: false,
+                    detail,
+                },
+                None,
+            )
+        }
+    }
+}
+
+fn launch_zygote(spec: &WarmSpec) -> Result<(OwnedFd, OwnedFd), String> {
+    let library = find_library().ok_or_else(|| {
+        format!(
+            "{WARM_LIBRARY} is neither next to the airlockd executable nor in \
+             /usr/local/lib/airlock (build it with `cargo build --release -p airlock-sandbox`)"
+        )
+    })?;
+    let lib = sealed_copy(&library).map_err(|e| format!("copying {}: {e}", library.display()))?;
+    let (ours, theirs) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|e| format!("socketpair: {e}"))?;
+    let (program, args) = spec.argv.split_first().ok_or("empty argv")?;
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(args)
+        .env_clear()
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .current_dir("/")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null());
+    sys::pass_fds_3_and_4(&mut cmd, [theirs.as_raw_fd(), lib.as_raw_fd()]);
+    let child = cmd
+        .spawn()
+        .map_err(|e| format!("starting {program}: {e}"))?;
+    let pid = child.id() as i32;
+    // Not reaped yet (only we wait for it, through this pidfd), so the pid is still ours.
+    let pidfd = sys::pidfd_open(pid).map_err(|e| format!("pidfd_open({pid}): {e}"))?;
+    Ok((pidfd, ours))
+}
+
+fn find_library() -> Option<PathBuf> {
+    let exe_dir = std::env::current_exe().ok()?.parent()?.to_path_buf();
+    [exe_dir, PathBuf::from("/usr/local/lib/airlock")]
+        .into_iter()
+        .map(|d| d.join(WARM_LIBRARY))
+        .find(|p| p.is_file())
+}
+
+/// The library in a sealed memfd: the zygote maps `/memfd:airlock-sandbox`, so no host
+/// path of the daemon's appears in a sandbox's /proc/self/maps, and nobody can change
+/// the code after the copy.
+fn sealed_copy(path: &std::path::Path) -> std::io::Result<OwnedFd> {
+    use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+    use nix::sys::memfd::{memfd_create, MFdFlags};
+    let bytes = std::fs::read(path)?;
+    let fd = memfd_create(
+        "airlock-sandbox",
+        MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+    )?;
+    let mut file = std::fs::File::from(fd);
+    std::io::Write::write_all(&mut file, &bytes)?;
+    let fd = OwnedFd::from(file);
+    fcntl(
+        &fd,
+        FcntlArg::F_ADD_SEALS(
+            SealFlag::F_SEAL_WRITE
+                | SealFlag::F_SEAL_GROW
+                | SealFlag::F_SEAL_SHRINK
+                | SealFlag::F_SEAL_SEAL,
+        ),
+    )?;
+    Ok(fd)
 }
 
 /// Sends `msg` as one frame in one datagram, with `fd` attached by SCM_RIGHTS.

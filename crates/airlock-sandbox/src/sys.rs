@@ -56,10 +56,14 @@ pub(crate) fn clone_sandbox_init(flags: u64) -> Result<Cloned, Errno> {
     };
     // SAFETY: `args` is a valid, initialised clone_args of the size we pass, and `pidfd`
     // outlives the call. Without CLONE_VM or a new stack this behaves like fork(): the
-    // child gets a copy of this address space and returns here with 0. The only caller
-    // (`spawn`) sends the child straight into `child::main`, which never returns and
-    // does only async-signal-safe work, so glibc state copied from other threads (locks,
-    // the thread list) is never touched.
+    // child gets a copy of this address space and returns here with 0. `spawn` sends the
+    // child straight into `child_main`, which never returns and does only
+    // async-signal-safe work, so glibc state copied from other threads (locks, the
+    // thread list) is never touched. `spawn_in_place` (the warm path) returns into the
+    // caller after the same steps; its contract requires a single-threaded caller, so
+    // no other thread's lock can be held in the copy. (glibc's cached tid is not
+    // updated by a raw clone; glibc >= 2.34 asks the kernel for the tid where it
+    // signals itself.)
     let ret = check(unsafe {
         libc::syscall(
             libc::SYS_clone3,
@@ -468,6 +472,35 @@ pub(crate) fn clone3_invalid() -> Errno {
         Ok(_) => Errno::UnknownErrno,
         Err(e) => e,
     }
+}
+
+/// Arranges for `cmd`'s child to hold `fds[0]` as fd 3 and `fds[1]` as fd 4 (not
+/// close-on-exec), and no fd above 4: the warm path's interpreter gets its spawner
+/// socket and the sandbox library, and nothing else of the spawner's.
+pub(crate) fn pass_fds_3_and_4(cmd: &mut std::process::Command, fds: [RawFd; 2]) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs between fork and exec; it calls only fcntl, dup2 and
+    // close_range, which are async-signal-safe, allocate nothing and take no lock. Both
+    // fds are first moved above 4 so neither dup2 can overwrite the other's source.
+    unsafe {
+        cmd.pre_exec(move || {
+            let high = |fd: RawFd| check(libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10) as c_long);
+            let (a, b) = (high(fds[0])?, high(fds[1])?);
+            check(libc::dup2(a as RawFd, 3) as c_long)?;
+            check(libc::dup2(b as RawFd, 4) as c_long)?;
+            check(libc::syscall(libc::SYS_close_range, 5u32, u32::MAX, 0))?;
+            Ok(())
+        });
+    }
+}
+
+/// `pidfd_open(pid, 0)`.
+pub(crate) fn pidfd_open(pid: i32) -> Result<OwnedFd, Errno> {
+    // SAFETY: pidfd_open on an integer; on success the kernel returns a new fd that
+    // nothing else owns.
+    let fd = check(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) })?;
+    // SAFETY: a fresh fd from the kernel, owned by nobody else; fds fit in i32.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
 /// One received datagram: its length, the fds attached to it (close-on-exec), and

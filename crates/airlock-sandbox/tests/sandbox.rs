@@ -106,6 +106,7 @@ impl Fixture {
             tmp_size_bytes: 8 << 20,
             cgroup_procs: Vec::new(),
             cpu_rlimit_seconds: 0,
+            warm: None,
         }
     }
 }
@@ -545,7 +546,10 @@ fn spawner_spawns_reports_exit_kills_and_refuses() {
     let mut req = fx.request(&sh("echo hello >&3; exit 3"));
     req.call_id = 10;
     let data = daemon.spawn(req);
-    let FromSpawner::Spawned { call_id: 10, pid } = daemon.recv() else {
+    let FromSpawner::Spawned {
+        call_id: 10, pid, ..
+    } = daemon.recv()
+    else {
         panic!("expected Spawned for call 10");
     };
     assert!(pid > 1);

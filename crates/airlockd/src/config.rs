@@ -134,6 +134,22 @@ pub struct Runtime {
     /// `shim/` below it) or `scripts/setup-r-runtime.sh` (`lib/libairlock_r.so` and
     /// `shim/`). Mounted read-only at the same path in every sandbox of its language.
     pub prefix: PathBuf,
+    /// Warm starts: how many pre-initialised interpreters (libraries imported, no user
+    /// code ever run in them) the daemon keeps for this language, each call's sandbox
+    /// cloned from one and then sandboxed exactly like a cold start. 0 = off, every call
+    /// starts a fresh interpreter. Default 1 for Python; R has no warm path yet (0).
+    #[serde(default)]
+    pub warm_pool: Option<u32>,
+}
+
+impl Runtime {
+    /// The effective warm pool size of `language` (the default when unset).
+    pub fn warm_pool(&self, language: Language) -> u32 {
+        self.warm_pool.unwrap_or(match language {
+            Language::Python => 1,
+            Language::R => 0,
+        })
+    }
 }
 
 impl Limits {
@@ -274,6 +290,19 @@ impl Config {
                     format!("for {lang} must be an absolute path"),
                 ));
             }
+            let max = match lang {
+                Language::Python => 1,
+                Language::R => 0,
+            };
+            if rt.warm_pool(*lang) > max {
+                return Err(invalid(
+                    "runtimes.*.warm_pool",
+                    match lang {
+                        Language::Python => "for python must be 0 (off) or 1 (one pre-initialised interpreter; every call is cloned from it)".into(),
+                        Language::R => "for R must be 0: R has no warm path yet".into(),
+                    },
+                ));
+            }
         }
         Ok(())
     }
@@ -397,6 +426,26 @@ mod tests {
             "wall_clock_seconds = 5\ncpu_percent = 0"
         ))
         .contains("`limits.cpu_percent`"));
+    }
+
+    #[test]
+    fn warm_pool_defaults_on_for_python_and_is_bounded() {
+        let py = "prefix = \"/opt/airlock/runtimes/python\"";
+        let with = |extra: &str| GOOD.replacen(py, &format!("{py}\n{extra}"), 1);
+        let config = Config::parse(Path::new("t.toml"), &with("")).unwrap();
+        assert_eq!(
+            config.runtimes[&Language::Python].warm_pool(Language::Python),
+            1
+        );
+        let off = Config::parse(Path::new("t.toml"), &with("warm_pool = 0")).unwrap();
+        assert_eq!(
+            off.runtimes[&Language::Python].warm_pool(Language::Python),
+            0
+        );
+        assert!(err(&with("warm_pool = 2")).contains("runtimes.*.warm_pool"));
+        let r = "prefix = \"/opt/airlock/runtimes/r\"";
+        let r_warm = GOOD.replacen(r, &format!("{r}\nwarm_pool = 1"), 1);
+        assert!(err(&r_warm).contains("R has no warm path"));
     }
 
     #[test]

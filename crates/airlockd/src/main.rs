@@ -87,6 +87,14 @@ fn main() -> anyhow::Result<()> {
                 lost_spawner.store(true, std::sync::atomic::Ordering::SeqCst);
                 notify.notify_one();
             })?;
+            // Warm starts: the pre-initialised interpreters start importing now.
+            for (language, runtime) in &config.runtimes {
+                if runtime.warm_pool(*language) > 0 {
+                    if let Some(spec) = airlockd::runtime::warm_spec(*language, runtime) {
+                        handle.prepare(spec);
+                    }
+                }
+            }
             let listener = bind(&config.socket_path)?;
             let monitor = Arc::new(airlockd::monitor::Monitor::default());
             let daemon = Arc::new(server::Daemon::new(

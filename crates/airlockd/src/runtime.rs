@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use airlock_protocol::{
     control::Language,
-    spawner::{RoMount, SpawnRequest},
+    spawner::{RoMount, SpawnRequest, WarmSpec},
 };
 
 use crate::config::{Config, Runtime};
@@ -113,7 +113,13 @@ pub fn spawn_request(config: &Config, call: CallSpec<'_>) -> SpawnRequest {
                     .to_string_lossy()
                     .into_owned(),
             ],
-            vec![],
+            // One thread per math library: a call gets one core (limits.cpu_percent
+            // 100), and the warm path's interpreter must stay single-threaded, so cold
+            // and warm calls compute the same way.
+            SINGLE_THREADED
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         ),
         // The R binary itself, not the bin/R shell wrapper (which needs a shell, sed and
         // uname and only sets variables we set here). --vanilla: no site or user
@@ -145,6 +151,9 @@ pub fn spawn_request(config: &Config, call: CallSpec<'_>) -> SpawnRequest {
         ]
         .map(|(k, v)| (k.to_string(), v.to_string())),
     );
+    let warm = (call.runtime.warm_pool(call.language) > 0)
+        .then(|| warm_spec(call.language, call.runtime))
+        .flatten();
     SpawnRequest {
         call_id: call.call_id,
         uid: call.uid,
@@ -163,6 +172,53 @@ pub fn spawn_request(config: &Config, call: CallSpec<'_>) -> SpawnRequest {
         // The daemon's per-call CPU accounting acts first; each process's own limit is
         // a backstop a little above it.
         cpu_rlimit_seconds: config.limits.cpu_seconds + 5,
+        warm,
+    }
+}
+
+/// Thread counts of the math libraries in Python sandboxes and the Python zygote.
+const SINGLE_THREADED: &[(&str, &str)] = &[
+    ("OPENBLAS_NUM_THREADS", "1"),
+    ("OMP_NUM_THREADS", "1"),
+    ("MKL_NUM_THREADS", "1"),
+];
+
+/// The pre-initialised interpreter of `language`'s warm path, if it has one: Python's
+/// `shim/airlock_warm.py`, run as root outside any sandbox (it never runs user code;
+/// each call's process is cloned from it into a full sandbox). Its environment is fixed
+/// like a sandbox's; each call's process replaces it with the call's exact environment.
+pub fn warm_spec(language: Language, runtime: &Runtime) -> Option<WarmSpec> {
+    let prefix = &runtime.prefix;
+    match language {
+        Language::Python => Some(WarmSpec {
+            argv: vec![
+                prefix
+                    .join("venv/bin/python3")
+                    .to_string_lossy()
+                    .into_owned(),
+                "-I".into(),
+                "-B".into(),
+                prefix
+                    .join("shim/airlock_warm.py")
+                    .to_string_lossy()
+                    .into_owned(),
+            ],
+            env: SINGLE_THREADED
+                .iter()
+                .chain(&[
+                    ("PATH", "/usr/local/bin:/usr/bin:/bin"),
+                    ("HOME", "/"),
+                    ("LANG", "C.UTF-8"),
+                    ("LC_ALL", "C.UTF-8"),
+                    ("TMPDIR", "/tmp"),
+                    // pyarrow's jemalloc would start a background thread; a process that
+                    // clones itself must have only one.
+                    ("JE_ARROW_MALLOC_CONF", "background_thread:false"),
+                ])
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }),
+        Language::R => None,
     }
 }
 
@@ -224,6 +280,20 @@ mod tests {
         if Path::new("/etc/R").exists() {
             assert!(targets.contains(&PathBuf::from("/etc/R")));
         }
+    }
+
+    #[test]
+    fn python_is_warm_by_default_and_r_is_not() {
+        let py = request(Language::Python);
+        let spec = py.warm.expect("python has a warm spec by default");
+        assert_eq!(
+            spec.argv.last().map(String::as_str),
+            Some("/opt/airlock/runtimes/python/shim/airlock_warm.py")
+        );
+        assert!(py
+            .env
+            .contains(&("OPENBLAS_NUM_THREADS".to_string(), "1".to_string())));
+        assert!(request(Language::R).warm.is_none());
     }
 
     #[test]

@@ -466,7 +466,7 @@ async fn run_call(
         record.ended(&Outcome::Cancelled, None);
         return Err(e);
     }
-    tracing::debug!(pid = started.pid, "sandbox running");
+    tracing::debug!(pid = started.pid, warm = started.warm, "sandbox running");
     daemon.monitor.running(session_id);
 
     // Wait for whichever comes first: the sandbox exits, the time limit, or the backend

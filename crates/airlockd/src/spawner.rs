@@ -16,7 +16,7 @@ use std::{
 
 use airlock_protocol::{
     encode_control,
-    spawner::{ExitStatus, FromSpawner, SpawnRequest, ToSpawner},
+    spawner::{ExitStatus, FromSpawner, SpawnRequest, ToSpawner, WarmSpec},
     FrameDecoder,
 };
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
@@ -79,6 +79,8 @@ pub fn launch(exe: &Path) -> Result<SpawnerProcess, SpawnerError> {
 /// A sandbox that the spawner reported as started.
 pub struct Started {
     pub pid: i32,
+    /// Cloned from a pre-initialised interpreter (the warm path) rather than exec'd.
+    pub warm: bool,
     /// Resolves when the sandbox's init has exited and been reaped.
     pub exited: oneshot::Receiver<ExitStatus>,
 }
@@ -87,9 +89,10 @@ enum Command_ {
     Spawn {
         req: Box<SpawnRequest>,
         fd: OwnedFd,
-        started: oneshot::Sender<Result<i32, String>>,
+        started: oneshot::Sender<Result<(i32, bool), String>>,
         exited: oneshot::Sender<ExitStatus>,
     },
+    Prepare(WarmSpec),
     Kill {
         call_id: u64,
     },
@@ -134,13 +137,20 @@ impl SpawnerHandle {
             })
             .map_err(|_| SpawnerError::Gone)?;
         match started_rx.await {
-            Ok(Ok(pid)) => Ok(Started {
+            Ok(Ok((pid, warm))) => Ok(Started {
                 pid,
+                warm,
                 exited: exited_rx,
             }),
             Ok(Err(msg)) => Err(SpawnerError::Spawn(msg)),
             Err(_) => Err(SpawnerError::Gone),
         }
+    }
+
+    /// Starts the pre-initialised interpreter of `spec` now, so the first call is warm
+    /// too. Until it is ready, calls start cold.
+    pub fn prepare(&self, spec: WarmSpec) {
+        let _ = self.tx.send(Command_::Prepare(spec));
     }
 
     /// Kills the whole sandbox of `call_id`; its exit arrives on the `exited` receiver.
@@ -150,7 +160,7 @@ impl SpawnerHandle {
 }
 
 struct Pending {
-    started: Option<oneshot::Sender<Result<i32, String>>>,
+    started: Option<oneshot::Sender<Result<(i32, bool), String>>>,
     exited: oneshot::Sender<ExitStatus>,
 }
 
@@ -173,6 +183,11 @@ async fn pump(
                         send(&afd, &frame, Some(&fd)).await?;
                         drop(fd);
                         calls.insert(call_id, Pending { started: Some(started), exited });
+                    }
+                    Command_::Prepare(spec) => {
+                        let frame = encode_control(&ToSpawner::Prepare(spec))
+                            .map_err(|e| SpawnerError::Spawn(e.to_string()))?;
+                        send(&afd, &frame, None).await?;
                     }
                     Command_::Kill { call_id } => {
                         let frame = encode_control(&ToSpawner::Kill { call_id })
@@ -207,10 +222,10 @@ async fn pump(
 
 fn dispatch(calls: &mut HashMap<u64, Pending>, msg: FromSpawner) {
     match msg {
-        FromSpawner::Spawned { call_id, pid } => {
+        FromSpawner::Spawned { call_id, pid, warm } => {
             if let Some(p) = calls.get_mut(&call_id) {
                 if let Some(tx) = p.started.take() {
-                    let _ = tx.send(Ok(pid));
+                    let _ = tx.send(Ok((pid, warm)));
                 }
             }
         }
@@ -226,6 +241,16 @@ fn dispatch(calls: &mut HashMap<u64, Pending>, msg: FromSpawner) {
                 let _ = p.exited.send(status);
             }
         }
+        FromSpawner::Warm {
+            program,
+            ready: true,
+            detail,
+        } => tracing::info!(%program, %detail, "warm starts ready"),
+        FromSpawner::Warm {
+            program,
+            ready: false,
+            detail,
+        } => tracing::warn!(%program, %detail, "warm starts unavailable"),
     }
 }
 

@@ -1,0 +1,424 @@
+//! The warm path (issue 7): each Python call's process is cloned from a pre-initialised
+//! interpreter and then sandboxed. These cases prove, through SQL against a real cluster
+//! and the real daemon, that the calls really are warm, that no process serves two
+//! calls or sees another call's state, that the sandbox is complete before the call's
+//! first byte is read, and that a broken warm path falls back to cold starts. The escape
+//! suite (`e2e.rs`) runs with the warm path on by default.
+
+use std::{
+    fs,
+    sync::OnceLock,
+    thread,
+    time::{Duration, Instant},
+};
+
+use airlock_e2e::{eventually, Cluster, Daemon, DaemonSettings};
+use libtest_mimic::{Arguments, Failed, Trial};
+use postgres::Client;
+
+const FIRST_UID: u32 = 63000;
+const WORKERS: u32 = 4;
+
+struct Env {
+    daemon: Daemon,
+    cluster: Cluster,
+}
+
+static ENV: OnceLock<Env> = OnceLock::new();
+
+fn env() -> &'static Env {
+    ENV.get().expect("set up in main")
+}
+
+type TestResult = Result<(), Failed>;
+
+fn ensure(cond: bool, msg: impl Into<String>) -> TestResult {
+    if cond {
+        Ok(())
+    } else {
+        Err(msg.into().into())
+    }
+}
+
+fn analyst() -> Client {
+    env().cluster.connect("analyst").0
+}
+
+/// Runs `script` and returns its one text output column, one string per row.
+fn py_text(client: &mut Client, script: &str) -> Result<Vec<String>, Failed> {
+    let sql = "SELECT * FROM airlock.execute_external_script('python', $1) AS r(v text)";
+    let rows = client
+        .query(sql, &[&script])
+        .map_err(|e| Failed::from(format!("call failed: {e:?}")))?;
+    Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
+}
+
+/// A script whose output is one row: `expr` as text.
+fn one(expr: &str) -> String {
+    format!("OutputDataSet = pd.DataFrame({{'v': [str({expr})]}})")
+}
+
+/// True in a warm call: the process's main module is the zygote's, not the shim's.
+const IS_WARM: &str = "__import__('sys').modules['__main__'].__file__.endswith('airlock_warm.py')";
+
+/// Waits until the daemon logged that its Python interpreter is ready.
+fn wait_until_warm(daemon: &Daemon) -> TestResult {
+    ensure(
+        eventually(Duration::from_secs(30), || {
+            daemon.log().matches("warm starts ready").count()
+                > daemon.log().matches("warm starts unavailable").count()
+        }),
+        format!("the warm path never became ready; log:\n{}", daemon.log()),
+    )
+}
+
+// ---------------------------------------------------------------------------- cases
+
+/// The default config is warm: the call's process already had the zygote's module
+/// and pandas imported before the script ran.
+fn calls_are_cloned_from_the_preinitialised_interpreter() -> TestResult {
+    let mut c = analyst();
+    for _ in 0..3 {
+        let out = py_text(&mut c, &one(IS_WARM))?;
+        ensure(
+            out == ["True"],
+            format!("expected a warm call, got {out:?}"),
+        )?;
+    }
+    Ok(())
+}
+
+/// A pooled/warm process serves exactly one call: whatever a call leaves in the
+/// interpreter (a module attribute, a builtin, a file in /tmp, an environment variable,
+/// a thread) is not there in the next call, every call is pid 1 of a pid namespace of
+/// its own, and its process is new.
+fn no_process_serves_two_calls_or_sees_anothers_state() -> TestResult {
+    let mut c = analyst();
+    let leave = "
+import sys, os, builtins, threading, time
+sys.modules['airlock_runtime'].LEFTOVER = 'secret-1'
+builtins.LEFTOVER = 'secret-2'
+os.environ['LEFTOVER'] = 'secret-3'
+open('/tmp/leftover', 'w').write('secret-4')
+threading.Thread(target=time.sleep, args=(30,), name='leftover', daemon=True).start()
+OutputDataSet = pd.DataFrame({'v': [str(os.getpid()) + ' ' + open('/proc/self/stat').read().split()[21]]})
+";
+    let look = "
+import sys, os, builtins, threading
+seen = []
+if hasattr(sys.modules['airlock_runtime'], 'LEFTOVER'): seen.append('module')
+if hasattr(builtins, 'LEFTOVER'): seen.append('builtin')
+if 'LEFTOVER' in os.environ: seen.append('env')
+if os.path.exists('/tmp/leftover'): seen.append('tmp')
+if any(t.name == 'leftover' for t in threading.enumerate()): seen.append('thread')
+seen.append(str(os.getpid()) + ' ' + open('/proc/self/stat').read().split()[21])
+OutputDataSet = pd.DataFrame({'v': seen})
+";
+    // Each call's process is pid 1 of its own pid namespace and was created after the
+    // previous call's (start times in clock ticks since boot strictly increase).
+    let mut last_start = 0u64;
+    for round in 0..3 {
+        let first = py_text(&mut c, leave)?;
+        let second = py_text(&mut c, look)?;
+        ensure(
+            second.len() == 1,
+            format!("round {round}: the next call saw the previous call's state: {second:?}"),
+        )?;
+        for out in [&first[0], &second[0]] {
+            let (pid, start) = out.split_once(' ').ok_or("format")?;
+            let start: u64 = start.parse().map_err(|_| "start time")?;
+            ensure(pid == "1", format!("pid 1 of its own namespace: {out}"))?;
+            ensure(
+                start > last_start,
+                format!(
+                    "round {round}: a process served two calls (start {start} after {last_start})"
+                ),
+            )?;
+            last_start = start;
+        }
+    }
+    Ok(())
+}
+
+/// The sandbox is complete before the call's data is read: the script's first
+/// statement, and the runtime before it, run with seccomp filtering, no_new_privs, no
+/// capabilities, the worker uid and Landlock already in force (the zygote clones the
+/// process, the Rust steps confine it, and only then does Python read fd 3).
+fn the_sandbox_is_complete_before_the_call_runs() -> TestResult {
+    let mut c = analyst();
+    let script = "
+import os
+status = dict(l.split(':', 1) for l in open('/proc/self/status').read().splitlines())
+out = [k + '=' + status[k].split()[0] for k in ('Seccomp', 'NoNewPrivs', 'CapEff', 'CapPrm', 'CapBnd', 'Uid')]
+try:
+    os.listdir('/')
+    out.append('root-listable')
+except PermissionError:
+    out.append('landlock')
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+out.append('unshare-denied' if libc.unshare(0x10000000) == -1 and ctypes.get_errno() == 1 else 'unshare-allowed')
+out.append('fds=' + ','.join(sorted(os.listdir('/proc/self/fd'), key=int)))
+OutputDataSet = pd.DataFrame({'v': out})
+";
+    let out = py_text(&mut c, script)?;
+    let uid = out.iter().find(|l| l.starts_with("Uid=")).ok_or("uid")?;
+    let uid: u32 = uid[4..].parse().map_err(|_| "uid")?;
+    ensure(
+        (FIRST_UID..FIRST_UID + WORKERS).contains(&uid),
+        format!("runs as a worker: {out:?}"),
+    )?;
+    for want in [
+        "Seccomp=2",
+        "NoNewPrivs=1",
+        "CapEff=0000000000000000",
+        "CapPrm=0000000000000000",
+        "CapBnd=0000000000000000",
+        "landlock",
+        "unshare-denied",
+    ] {
+        ensure(out.iter().any(|l| l == want), format!("{want} in {out:?}"))?;
+    }
+    // 0-3 as in a cold sandbox, plus what the runtime itself opened by now (the print
+    // pipe and the listing's own fd): nothing of the zygote's.
+    let fds = out.iter().find(|l| l.starts_with("fds=")).ok_or("fds")?;
+    ensure(fds.starts_with("fds=0,1,2,3"), format!("fds: {fds}"))?;
+    Ok(())
+}
+
+/// Random numbers are not shared between calls cloned from the same interpreter.
+fn random_state_is_fresh_in_every_call() -> TestResult {
+    let mut c = analyst();
+    let script = one("(np.random.rand(), __import__('random').random())");
+    let a = py_text(&mut c, &script)?;
+    let b = py_text(&mut c, &script)?;
+    ensure(a != b, format!("two calls drew the same numbers: {a:?}"))
+}
+
+/// The environment is exactly the call's: HOME is this call's session folder, and
+/// nothing of the zygote's own environment remains.
+fn environment_is_the_calls_own() -> TestResult {
+    let mut c = analyst();
+    let script = "
+import os
+OutputDataSet = pd.DataFrame({'v': sorted(k + '=' + v for k, v in os.environ.items())})
+";
+    let env = py_text(&mut c, script)?;
+    let home = env.iter().find(|l| l.starts_with("HOME=")).ok_or("HOME")?;
+    let cwd = py_text(&mut c, &one("__import__('os').getcwd()"))?;
+    ensure(
+        home.starts_with("HOME=/sessions/") && cwd[0].starts_with("/sessions/"),
+        format!("HOME {home}, cwd {cwd:?}"),
+    )?;
+    ensure(
+        !env.iter().any(|l| l.starts_with("JE_ARROW_MALLOC_CONF")),
+        format!("the zygote's own environment leaked: {env:?}"),
+    )
+}
+
+/// Concurrent calls each get a sandbox of their own.
+fn concurrent_warm_calls_each_get_their_own_sandbox() -> TestResult {
+    let handles: Vec<_> = (0..8)
+        .map(|_| {
+            thread::spawn(|| {
+                let mut c = analyst();
+                py_text(
+                    &mut c,
+                    &one(&format!(
+                        "(__import__('os').readlink('/proc/self/ns/pid'), {IS_WARM})"
+                    )),
+                )
+            })
+        })
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    for h in handles {
+        let out = h.join().map_err(|_| "thread panicked")??;
+        ensure(out[0].contains("True"), format!("not warm: {out:?}"))?;
+        ensure(seen.insert(out[0].clone()), format!("shared: {out:?}"))?;
+    }
+    Ok(())
+}
+
+/// The escape cases that matter most for a cloned process, warm: no secrets in
+/// /proc/self/environ of the call and no host paths in its memory map.
+fn no_daemon_path_in_the_memory_map() -> TestResult {
+    let mut c = analyst();
+    let out = py_text(
+        &mut c,
+        "OutputDataSet = pd.DataFrame({'v': sorted({l.split()[-1] for l in open('/proc/self/maps') if '/' in l.split()[-1]})})",
+    )?;
+    let exe = airlock_e2e::airlockd_bin();
+    let exe_dir = exe
+        .parent()
+        .ok_or("exe dir")?
+        .to_string_lossy()
+        .into_owned();
+    ensure(
+        !out.iter().any(|p| p.starts_with(&exe_dir)),
+        format!("a host path of the daemon's is mapped: {out:?}"),
+    )
+}
+
+/// A wall-clock kill of a warm call is reported as the limit and leaves nothing.
+fn timeout_of_a_warm_call_is_reported() -> TestResult {
+    let mut c = analyst();
+    let sql = "SELECT * FROM airlock.execute_external_script('python', $1) AS r(v text)";
+    let started = Instant::now();
+    let err = c
+        .query(sql, &[&"import time\ntime.sleep(60)"])
+        .err()
+        .ok_or("expected the wall-clock limit")?;
+    let db = err.as_db_error().ok_or("a server error")?;
+    ensure(
+        db.code().code() == "54000" && started.elapsed() < Duration::from_secs(20),
+        format!("{} {}", db.code().code(), db.message()),
+    )?;
+    let daemon = &env().daemon;
+    ensure(
+        eventually(Duration::from_secs(10), || {
+            fs::read_dir(daemon.sessions_dir()).map_or(true, |d| d.count() == 0)
+        }),
+        "session folder left behind",
+    )?;
+    // And the next call is warm again.
+    let out = py_text(&mut c, &one(IS_WARM))?;
+    ensure(out == ["True"], format!("after a timeout: {out:?}"))
+}
+
+/// A dead zygote costs no call: the next call starts cold with the same sandbox, and
+/// the daemon brings the warm path back.
+fn a_killed_interpreter_falls_back_to_cold_then_recovers() -> TestResult {
+    let daemon = &env().daemon;
+    let zygote = find_zygote(daemon.pid()).ok_or("no zygote process under the daemon")?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(zygote),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .map_err(|e| format!("kill: {e}"))?;
+    ensure(
+        eventually(Duration::from_secs(10), || {
+            daemon.log().contains("warm starts unavailable")
+        }),
+        "the daemon did not notice",
+    )?;
+    let mut c = analyst();
+    let out = py_text(&mut c, &one(IS_WARM))?;
+    ensure(
+        out == ["False"],
+        format!("expected a cold call, got {out:?}"),
+    )?;
+    // Restarted at a later call (after the backoff) and warm again.
+    ensure(
+        eventually(
+            Duration::from_secs(40),
+            || matches!(py_text(&mut c, &one(IS_WARM)).as_deref(), Ok([v]) if v == "True"),
+        ),
+        format!("never warm again; log:\n{}", daemon.log()),
+    )
+}
+
+/// A daemon configured with `warm_pool = 0` starts every call cold.
+fn warm_pool_zero_turns_it_off() -> TestResult {
+    let daemon = Daemon::start(settings(FIRST_UID + 100));
+    daemon.crash();
+    let config = daemon.dir.path().join("airlockd.toml");
+    let text = fs::read_to_string(&config).map_err(|e| e.to_string())?;
+    let text = text.replacen("[runtimes.r]", "warm_pool = 0\n[runtimes.r]", 1);
+    fs::write(&config, text).map_err(|e| e.to_string())?;
+    daemon.restart();
+    let cluster = Cluster::start(&daemon.socket, true);
+    setup_roles(&cluster);
+    let mut c = cluster.connect("analyst").0;
+    thread::sleep(Duration::from_secs(2));
+    let out = py_text(&mut c, &one(IS_WARM));
+    cluster.stop();
+    let log = daemon.log();
+    daemon.stop();
+    let out = out?;
+    ensure(
+        out == ["False"],
+        format!("expected a cold call, got {out:?}"),
+    )?;
+    ensure(
+        !log.contains("warm starts ready"),
+        "a zygote started although warm_pool = 0",
+    )
+}
+
+fn find_zygote(daemon_pid: u32) -> Option<i32> {
+    let ppid = |pid: i32| -> Option<i32> {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit_once(") ")?.1.split(' ').nth(1)?.parse().ok()
+    };
+    fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let cmd = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let is_zygote = String::from_utf8_lossy(&cmd).contains("airlock_warm.py");
+        let spawner = ppid(pid)?;
+        (is_zygote && ppid(spawner)? == daemon_pid as i32).then_some(pid)
+    })
+}
+
+fn settings(first_uid: u32) -> DaemonSettings {
+    DaemonSettings {
+        first_uid,
+        count: WORKERS,
+        wall_clock_seconds: 4.0,
+        cpu_seconds: 10,
+        memory_mib: 512,
+        pids: 64,
+        queue_timeout_seconds: 30.0,
+    }
+}
+
+fn setup_roles(cluster: &Cluster) {
+    let (mut c, _) = cluster.connect("postgres");
+    c.batch_execute(
+        "CREATE ROLE analyst LOGIN;
+         GRANT airlock_script_executor TO analyst;",
+    )
+    .expect("setting up roles");
+}
+
+fn main() {
+    let args = Arguments::from_args();
+    let daemon = Daemon::start(settings(FIRST_UID));
+    let cluster = Cluster::start(&daemon.socket, true);
+    setup_roles(&cluster);
+    if let Err(e) = wait_until_warm(&daemon) {
+        panic!("{e:?}");
+    }
+    if ENV.set(Env { daemon, cluster }).is_err() {
+        unreachable!("main runs once");
+    }
+    macro_rules! trials {
+        ($($f:ident),* $(,)?) => {
+            vec![$(Trial::test(stringify!($f), $f)),*]
+        };
+    }
+    // The interpreter-killing case runs last: the others check warm calls.
+    let mut trials = trials![
+        calls_are_cloned_from_the_preinitialised_interpreter,
+        no_process_serves_two_calls_or_sees_anothers_state,
+        the_sandbox_is_complete_before_the_call_runs,
+        random_state_is_fresh_in_every_call,
+        environment_is_the_calls_own,
+        concurrent_warm_calls_each_get_their_own_sandbox,
+        no_daemon_path_in_the_memory_map,
+        timeout_of_a_warm_call_is_reported,
+        warm_pool_zero_turns_it_off,
+    ];
+    let mut args = args;
+    args.test_threads = Some(1);
+    let conclusion = libtest_mimic::run(&args, std::mem::take(&mut trials));
+    let last = libtest_mimic::run(
+        &args,
+        trials![a_killed_interpreter_falls_back_to_cold_then_recovers],
+    );
+    let env = env();
+    env.cluster.stop();
+    env.daemon.stop();
+    conclusion.exit_if_failed();
+    last.exit_if_failed();
+}
