@@ -103,6 +103,26 @@ local({
         text
     }
 
+    # Loopback queries: run by the waiting backend as the calling role, in its
+    # transaction. A failed statement is an R error of class airlock_query_error
+    # with fields sqlstate, detail and hint.
+    loopback <- function(sql, mode, params) {
+        if (!is.character(sql) || length(sql) != 1L || is.na(sql)) {
+            stop("sql must be one character string")
+        }
+        if (!is.null(params) && !is.list(params)) params <- as.list(params)
+        r <- bcall("airlock_loopback", enc2utf8(sql), mode, params)
+        if (inherits(r, "airlock_query_failure")) {
+            stop(structure(
+                class = c("airlock_query_error", "error", "condition"),
+                list(message = sprintf("%s (SQLSTATE %s)", r$message, r$sqlstate),
+                     call = sys.call(-1), sqlstate = r$sqlstate, detail = r$detail,
+                     hint = r$hint)
+            ))
+        }
+        r
+    }
+
     # Runs the script; NULL, or a failure with the condition and the script's frames.
     run_script <- function(exprs) {
         tb <- ""
@@ -121,6 +141,11 @@ local({
             # top + 1 and top + 2 are eval()'s own frames.
             keep <- seq_len(n)
             keep <- keep[keep > top + 2L & !hidden]
+            # A failed loopback statement: the script's call is the last frame shown,
+            # not the shim's own below it.
+            inner <- keep[vapply(keep, function(i) identical(sys.function(i), loopback),
+                                 logical(1))]
+            if (length(inner)) keep <- keep[keep < inner[1]]
             lines <- vapply(keep, function(i) format_call(calls[[i]]), "")
             # A builtin that failed (log("a")) has no frame of its own.
             cc <- script_call(e)
@@ -278,25 +303,6 @@ local({
         }
         for (name in names(start$params)) {
             assign(name, start$params[[name]], envir = globalenv())
-        }
-        # Loopback queries: run by the waiting backend as the calling role, in its
-        # transaction. A failed statement is an R error of class airlock_query_error
-        # with fields sqlstate, detail and hint.
-        loopback <- function(sql, mode, params) {
-            if (!is.character(sql) || length(sql) != 1L || is.na(sql)) {
-                stop("sql must be one character string")
-            }
-            if (!is.null(params) && !is.list(params)) params <- as.list(params)
-            r <- bcall("airlock_loopback", enc2utf8(sql), mode, params)
-            if (inherits(r, "airlock_query_failure")) {
-                stop(structure(
-                    class = c("airlock_query_error", "error", "condition"),
-                    list(message = sprintf("%s (SQLSTATE %s)", r$message, r$sqlstate),
-                         call = sys.call(-1), sqlstate = r$sqlstate, detail = r$detail,
-                         hint = r$hint)
-                ))
-            }
-            r
         }
         assign("airlock_query", function(sql, params = NULL) loopback(sql, "query", params),
                envir = globalenv())

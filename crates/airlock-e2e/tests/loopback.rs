@@ -377,6 +377,48 @@ fn the_relay_is_the_only_way_to_data() -> TestResult {
     )
 }
 
+/// Loopback statements from a chunked script while the input still streams in: the
+/// answers and the input frames share one socket, and neither side may block the other.
+fn loopback_in_every_chunk_while_input_streams() -> TestResult {
+    for (lang, script) in both(
+        "n = airlock.query('SELECT count(*)::int8 AS n FROM orders WHERE id <= $1', [len(InputDataSet)]).n[0]\n\
+         OutputDataSet = pd.DataFrame({'chunk': [airlock_chunk], 'rows': [len(InputDataSet)], 'n': [n]})",
+        "n <- airlock_query('SELECT count(*)::int8 AS n FROM orders WHERE id <= $1', list(nrow(InputDataSet)))$n\n\
+         OutputDataSet <- data.frame(chunk = airlock_chunk, rows = nrow(InputDataSet), n = n)",
+    ) {
+        let got = connect("analyst")
+            .query(
+                "SELECT * FROM airlock.execute_external_script($1, $2, \
+                 'SELECT g AS id, repeat(''x'', 500) AS pad FROM generate_series(1, 100000) g', \
+                 rows_per_read => 20000) AS o(chunk int, rows int, n int8)",
+                &[&lang, &script],
+            )
+            .map_err(|e| format!("{lang}: {}", describe(&e)))?;
+        let chunks: Vec<(i32, i32, i64)> = got.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+        ensure(
+            chunks.len() == 5 && chunks.iter().all(|&(_, rows, n)| rows == 20000 && n == 3),
+            format!("{lang}: {chunks:?}"),
+        )?;
+    }
+    Ok(())
+}
+
+/// search_path is the caller's: an unqualified name resolves as in the calling session.
+fn search_path_is_the_callers() -> TestResult {
+    let mut c = connect("analyst");
+    c.batch_execute("SET search_path = analytics, public")
+        .map_err(|e| describe(&e))?;
+    for (lang, script) in both(
+        "OutputDataSet = airlock.query('SELECT label FROM labels')",
+        "OutputDataSet <- airlock_query('SELECT label FROM labels')",
+    ) {
+        let got = rows(&mut c, lang, script, "label text")?;
+        let label: String = got[0].get(0);
+        ensure(label == "from analytics", format!("{lang}: {label}"))?;
+    }
+    Ok(())
+}
+
 fn main() {
     let args = Arguments::from_args();
     let daemon = Daemon::start(DaemonSettings {
@@ -414,6 +456,8 @@ fn main() {
         nesting_is_refused,
         cancel_during_a_slow_loopback_query,
         the_relay_is_the_only_way_to_data,
+        loopback_in_every_chunk_while_input_streams,
+        search_path_is_the_callers,
     ];
     // The write tests share one table: run one test at a time.
     let mut args = args;
@@ -440,6 +484,11 @@ fn connect_setup(cluster: &Cluster) {
          GRANT SELECT ON owned_rows TO analyst;
          CREATE TABLE journal (note text NOT NULL);
          GRANT SELECT, INSERT ON journal TO writer, analyst;
+         CREATE TABLE public.labels AS SELECT 'from public'::text AS label;
+         CREATE SCHEMA analytics;
+         CREATE TABLE analytics.labels AS SELECT 'from analytics'::text AS label;
+         GRANT USAGE ON SCHEMA analytics TO analyst;
+         GRANT SELECT ON public.labels, analytics.labels TO analyst;
          CREATE FUNCTION write_journal() RETURNS int LANGUAGE sql AS
              $$ INSERT INTO journal VALUES ('from a function') RETURNING 1 $$;",
     )
