@@ -523,5 +523,148 @@ OutputDataSet = pd.DataFrame({"a": [1]})
         self.assertError(r, "input", "ProtocolError", 2)
 
 
+def run_interactive(script, first, answer, **start):
+    """Starts the shim, sends start and the bytes `first`, then answers each loopback
+    query with the bytes answer(query, params_batch) returns; reads until it closes."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    fd = theirs.fileno()
+    proc = subprocess.Popen(
+        [sys.executable, "-I", "-B", SHIM],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        pass_fds=(3, fd) if fd != 3 else (3,),
+        preexec_fn=(lambda: os.dup2(fd, 3)) if fd != 3 else None,
+    )
+    theirs.close()
+    result = Result()
+    pending_query = None
+    try:
+        ours.settimeout(TIMEOUT)
+        ours.sendall(control(start_msg(script, **start)) + first)
+        while True:
+            header = recv_exact(ours, 4)
+            if header is None:
+                break
+            body = recv_exact(ours, int.from_bytes(header, "little"))
+            if body[0] == 1:
+                msg = json.loads(body[1:].decode("utf-8"))
+                if msg["type"] == "query":
+                    if msg["has_params"]:
+                        pending_query = msg
+                        continue
+                    ours.sendall(answer(msg, None))
+                    continue
+                result.messages.append(msg)
+            else:
+                batch = list(pa.ipc.open_stream(pa.py_buffer(body[1:])))[0]
+                if pending_query is not None:
+                    q, pending_query = pending_query, None
+                    ours.sendall(answer(q, batch))
+                    continue
+                result.batches.append(batch)
+                result.messages.append(("arrow", batch))
+    finally:
+        ours.close()
+        _, result.stderr = proc.communicate(timeout=TIMEOUT)
+        result.status = proc.returncode
+    return result
+
+
+class ContractTest(unittest.TestCase):
+    """Start's params, output_params and rows_per_read, and loopback queries."""
+
+    def assertDone(self, r, rows):
+        self.assertIsNone(r.error, f"script_error: {r.error}")
+        self.assertEqual(r.last, {"type": "done", "rows": rows}, r.stderr.decode())
+
+    def test_params_become_variables(self):
+        r = run(
+            "OutputDataSet = pd.DataFrame({'a': [alpha], 'n': [n], 's': [name], 'k': [type(n).__name__]})",
+            params={"alpha": 0.5, "n": 10, "name": "x"},
+        )
+        self.assertDone(r, 1)
+        self.assertEqual(r.table().to_pylist(), [{"a": 0.5, "n": 10, "s": "x", "k": "int"}])
+
+    def test_output_params_make_one_row(self):
+        r = run(
+            "import decimal\nmodel = b'\\x00bytes'\nrmse = 0.25\nd = decimal.Decimal('1.10')",
+            output_params=["model", "rmse", "d"],
+            output_columns=[
+                {"name": "model", "type": "bytea"},
+                {"name": "rmse", "type": "float8"},
+                {"name": "d", "type": "numeric"},
+            ],
+        )
+        self.assertDone(r, 1)
+        self.assertEqual(
+            r.table().to_pylist(), [{"model": b"\x00bytes", "rmse": 0.25, "d": "1.10"}]
+        )
+        r = run("a = 1", output_params=["a", "b"], output_columns=[
+            {"name": "a", "type": "int4"}, {"name": "b", "type": "int4"}])
+        self.assertIn("the script did not set b", r.error["message"])
+
+    def test_rows_per_read_runs_per_chunk(self):
+        batch = pa.record_batch([pa.array(range(7), pa.int64())], names=["x"])
+        r = run(
+            "OutputDataSet = pd.DataFrame({'chunk': [airlock_chunk], 'rows': [len(InputDataSet)]})",
+            [batch],
+            rows_per_read=3,
+        )
+        self.assertDone(r, 3)
+        self.assertEqual(
+            r.table().to_pylist(),
+            [{"chunk": 1, "rows": 3}, {"chunk": 2, "rows": 3}, {"chunk": 3, "rows": 1}],
+        )
+
+    def test_loopback_query_execute_and_error(self):
+        rows = pa.record_batch([pa.array([7, None], pa.int64())], names=["v"])
+
+        def answer(q, params):
+            if q["sql"] == "rows":
+                self.assertEqual(params.to_pylist(), [{"$1": 5, "$2": "x"}])
+                return (control({"type": "query_begin"}) + arrow(rows)
+                        + control({"type": "query_end", "rows": 2}))
+            if q["sql"] == "count":
+                self.assertEqual(q["mode"], "execute")
+                return control({"type": "query_begin"}) + control({"type": "query_end", "rows": 5})
+            return control({"type": "query_error", "sqlstate": "42501", "message": "no",
+                            "detail": None, "hint": None})
+
+        script = (
+            "d = airlock.query('rows', [5, 'x'])\n"
+            "n = airlock.execute('count')\n"
+            "try:\n    airlock.query('secret')\nexcept airlock.QueryError as e:\n    s = e.sqlstate\n"
+            "OutputDataSet = pd.DataFrame({'dtype': [str(d.v.dtype)], 'n': [n], 's': [s]})"
+        )
+        r = run_interactive(script, control({"type": "input_end"}), answer)
+        self.assertDone(r, 1)
+        self.assertEqual(r.table().to_pylist(), [{"dtype": "Int64", "n": 5, "s": "42501"}])
+
+    def test_input_arriving_before_an_answer_is_kept(self):
+        first = pa.record_batch([pa.array([1, 2], pa.int64())], names=["x"])
+        more = pa.record_batch([pa.array([3, 4], pa.int64())], names=["x"])
+        sent_more = []
+
+        def answer(q, params):
+            out = b""
+            if not sent_more:
+                # The rest of the input goes out before the answer, as the backend
+                # does when it was in the middle of sending it.
+                out += arrow(more) + control({"type": "input_end"})
+                sent_more.append(True)
+            return out + control({"type": "query_begin"}) + control({"type": "query_end", "rows": 0})
+
+        r = run_interactive(
+            "airlock.execute('x')\nOutputDataSet = pd.DataFrame({'s': [int(InputDataSet.x.sum())]})",
+            arrow(first),
+            answer,
+            has_input=True,
+            rows_per_read=2,
+        )
+        self.assertDone(r, 2)
+        self.assertEqual(r.table().to_pylist(), [{"s": 3}, {"s": 7}])
+
+
 if __name__ == "__main__":
     unittest.main()
