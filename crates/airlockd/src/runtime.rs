@@ -113,13 +113,7 @@ pub fn spawn_request(config: &Config, call: CallSpec<'_>) -> SpawnRequest {
                     .to_string_lossy()
                     .into_owned(),
             ],
-            // One thread per math library: a call gets one core (limits.cpu_percent
-            // 100), and the warm path's interpreter must stay single-threaded, so cold
-            // and warm calls compute the same way.
-            SINGLE_THREADED
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            vec![],
         ),
         // The R binary itself, not the bin/R shell wrapper (which needs a shell, sed and
         // uname and only sets variables we set here). --vanilla: no site or user
@@ -176,7 +170,10 @@ pub fn spawn_request(config: &Config, call: CallSpec<'_>) -> SpawnRequest {
     }
 }
 
-/// Thread counts of the math libraries in Python sandboxes and the Python zygote.
+/// Thread counts of the math libraries in the Python zygote, which must stay
+/// single-threaded to clone itself; its calls inherit one BLAS thread (a call gets one
+/// core by default, limits.cpu_percent = 100). The call's environment stays the fixed
+/// one above.
 const SINGLE_THREADED: &[(&str, &str)] = &[
     ("OPENBLAS_NUM_THREADS", "1"),
     ("OMP_NUM_THREADS", "1"),
@@ -290,7 +287,7 @@ mod tests {
             spec.argv.last().map(String::as_str),
             Some("/opt/airlock/runtimes/python/shim/airlock_warm.py")
         );
-        assert!(py
+        assert!(spec
             .env
             .contains(&("OPENBLAS_NUM_THREADS".to_string(), "1".to_string())));
         assert!(request(Language::R).warm.is_none());
