@@ -373,6 +373,9 @@ async fn run_call(
         .begin(session_id, &caller, language, worker.uid);
 
     // The session folder: created here, removed when `session` drops, whatever happens.
+    // Where a call's time goes before its script runs (debug log): the profile of the
+    // trivial call in bench/RESULTS.md is read from these.
+    let t0 = std::time::Instant::now();
     let session = match SessionDir::create(config, session_id, worker.uid) {
         Ok(s) => s,
         Err(e) => {
@@ -403,6 +406,7 @@ async fn run_call(
     // The call's cgroup: memory, pids and CPU limits for every process of the call, and
     // the accounting that tells a memory kill from a crash.
     let limits = &config.limits;
+    let t_session = t0.elapsed();
     let cgroup = match &daemon.cgroups {
         Some(root) => match root.create(
             &format!("call-{session_id}"),
@@ -441,6 +445,7 @@ async fn run_call(
         .and_then(|c| c.0.as_ref())
         .map(|c| c.procs_files())
         .unwrap_or_default();
+    let t_cgroup = t0.elapsed();
     let started = match daemon.spawner.spawn(req, sandbox_end).await {
         Ok(s) => s,
         Err(e) => {
@@ -466,7 +471,16 @@ async fn run_call(
         record.ended(&Outcome::Cancelled, None);
         return Err(e);
     }
-    tracing::debug!(pid = started.pid, warm = started.warm, "sandbox running");
+    let us = |d: Duration| d.as_micros() as u64;
+    tracing::debug!(
+        pid = started.pid,
+        warm = started.warm,
+        session_folder_us = us(t_session),
+        cgroup_us = us(t_cgroup - t_session),
+        spawn_us = us(t0.elapsed() - t_cgroup),
+        "sandbox running"
+    );
+    let t_running = std::time::Instant::now();
     daemon.monitor.running(session_id);
 
     // Wait for whichever comes first: the sandbox exits, the time limit, or the backend
@@ -521,6 +535,7 @@ async fn run_call(
             }
         }
     };
+    let run_us = us(t_running.elapsed());
     let stats = cgroup.as_ref().and_then(|cg| cg.stats());
     if let Some(stats) = &stats {
         // A kill by the kernel's OOM killer looks like any SIGKILL from outside; the
@@ -539,7 +554,13 @@ async fn run_call(
     tracing::info!(?outcome, "call ended");
     record.ended(&outcome, stats.as_ref());
     drop(cgroup);
+    let t_cleanup = std::time::Instant::now();
     drop(session);
+    tracing::debug!(
+        run_us,
+        session_removal_us = us(t_cleanup.elapsed()),
+        "call cleaned up"
+    );
     drop(worker);
     // Not running any more, whatever the backend still has to say.
     drop(_listed);
