@@ -424,11 +424,12 @@ def table_to_frame(table, libs):
     bool, int2/4/8      numpy bool/int without NULLs, pandas boolean/Int16/... with
     float4/8            numpy float without NULLs, pandas Float32/Float64 with (NaN and
                         NULL stay apart)
+    text, json, jsonb   string (pandas' Arrow-backed strings), NULL as pd.NA
     numeric             object of decimal.Decimal
     uuid                object of uuid.UUID
     interval            object of pandas.DateOffset
     arrays              object of Python lists, elements as above, None for NULL
-    everything else     pyarrow's conversion: str, bytes, datetime.date, datetime.time,
+    everything else     pyarrow's conversion: bytes, datetime.date, datetime.time,
                         datetime64[us] (with UTC for timestamptz)
     Column names are kept exactly and in order.
     """
@@ -490,7 +491,13 @@ def column_to_pandas(col, pg_type, libs):
         for i, v in enumerate(col.to_pylist()):
             values[i] = convert(v)
         return values
-    if pg_type in ("text", "json", "jsonb", "bytea", "date", "time"):
+    if pg_type in ("text", "json", "jsonb"):
+        # pandas' Arrow-backed strings: the column's buffers are used as they are (no
+        # Python object per value), values are str, NULL is pd.NA.
+        if col.type != pa.string():
+            col = col.cast(pa.string())
+        return pd.arrays.ArrowStringArray(col)
+    if pg_type in ("bytea", "date", "time"):
         return col.to_pandas().to_numpy(dtype=object)
     if pg_type in ("timestamp", "timestamptz"):
         return col.to_pandas()

@@ -225,13 +225,13 @@ class RuntimeTest(unittest.TestCase):
         script = """
 want = {"i64n": "Int64", "i64": "int64", "i32n": "Int32", "i32": "int32",
         "i16n": "Int16", "f64n": "Float64", "booln": "boolean", "bool": "bool",
-        "text": "object"}
+        "text": "string"}
 got = {c: str(t) for c, t in InputDataSet.dtypes.items()}
 assert got == want, got
 assert InputDataSet["i64n"].isna().tolist() == [False, True, False]
 assert InputDataSet["f64n"].isna().tolist() == [False, True, False]  # NaN is not NULL
 assert np.isnan(InputDataSet["f64n"].to_numpy(dtype="float64", na_value=0.0)[2])
-assert InputDataSet["text"].tolist() == ["a", None, "ü ☃"]
+assert InputDataSet["text"].tolist() == ["a", pd.NA, "ü ☃"]
 assert all(type(v) is str for v in InputDataSet["text"].dropna())
 assert type(InputDataSet["i64"][0]) is np.int64
 OutputDataSet = InputDataSet
@@ -276,16 +276,16 @@ assert list(InputDataSet.columns) == ["i64n", "i64", "i32n", "i32", "i16n", "f64
 assert len(InputDataSet) == 0
 got = [str(t) for t in InputDataSet.dtypes]
 assert got == ["int64", "int64", "int32", "int32", "int16", "float64", "bool", "bool",
-               "object"], got
+               "string"], got
 OutputDataSet = InputDataSet
 """
         r = run(script, [empty])
         self.assertDone(r, 0)
         self.assertEqual(len(r.batches), 1)
-        # An empty object column has no values to infer from: Arrow calls it null.
+        # The empty string column keeps its type.
         self.assertEqual(
             [str(f.type) for f in r.batches[0].schema],
-            ["int64", "int64", "int32", "int32", "int16", "double", "bool", "bool", "null"],
+            ["int64", "int64", "int32", "int32", "int16", "double", "bool", "bool", "string"],
         )
 
     def test_duplicate_input_column_names_kept_in_order(self):

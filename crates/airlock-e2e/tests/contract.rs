@@ -243,8 +243,10 @@ want = {"id": "int32", "b": "boolean", "i2": "Int16", "i4": "Int32", "i8": "Int6
         "f4": "Float32", "f8": "Float64", "ts": "datetime64[us]", "tz": "datetime64[us, UTC]"}
 got = {c: str(d[c].dtype) for c in want}
 assert got == want, got
-for c in ["n", "tx", "by", "d", "tm", "iv", "u", "js", "jb", "ai8", "anum"]:
+for c in ["n", "by", "d", "tm", "iv", "u", "ai8", "anum"]:
     assert d[c].dtype == object, (c, d[c].dtype)
+for c in ["tx", "js", "jb"]:
+    assert str(d[c].dtype) == "string", (c, d[c].dtype)
 r = d.iloc[0]
 assert r.n == decimal.Decimal("1.5") and isinstance(r.n, decimal.Decimal)
 assert d.n[2].is_nan() and d.n[1] == decimal.Decimal("-12345678901234567890.12345678901234567890")
@@ -258,7 +260,7 @@ assert r.ai8 == [1, None, 3] and r.atx == ["x", None, ""]
 assert r.anum[0] == decimal.Decimal("1.5") and r.anum[1].is_nan()
 assert r.ts == pd.Timestamp("2024-01-02 03:04:05.123456")
 assert r.tz == pd.Timestamp("2024-01-02 01:04:05.123456", tz="UTC")
-assert d.tx[2] == "emoji 😀 rtl שלום\nnew line\ttab" and d.tx[1] == "" and d.tx[4] is None
+assert d.tx[2] == "emoji 😀 rtl שלום\nnew line\ttab" and d.tx[1] == "" and d.tx[4] is pd.NA
 assert d.f8[1] == 0 and str(float(d.f8[1])) == "-0.0"
 assert pd.isna(d.i8[4]) and d.i8[2] == 9223372036854775807
 assert np.isnan(d.f4[1]) and d.f4.isna().tolist() == [False, False, False, False, True]
@@ -658,7 +660,7 @@ fn zero_rows_keep_columns_and_types() -> TestResult {
     let py = r#"
 d = InputDataSet
 assert list(d.columns) == ["i", "f", "n", "t", "ts", "a"], list(d.columns)
-assert [str(t) for t in d.dtypes] == ["int32", "float64", "object", "object", "datetime64[us]", "object"], d.dtypes
+assert [str(t) for t in d.dtypes] == ["int32", "float64", "object", "string", "datetime64[us]", "object"], d.dtypes
 OutputDataSet = d
 "#;
     let r = r#"

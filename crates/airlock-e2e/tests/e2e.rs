@@ -232,7 +232,7 @@ fn script_sees_proper_dtypes() -> TestResult {
     let want = [
         ("id", "int64"),
         ("x", "float64"),
-        ("s", "object"),
+        ("s", "string"),
         ("b", "bool"),
     ];
     ensure(

@@ -461,6 +461,9 @@ pub struct InputEncoder {
     cols: Vec<InCol>,
     rows: usize,
     bytes: usize,
+    /// Per-row buffers for heap_deform_tuple.
+    values: Vec<pg_sys::Datum>,
+    nulls: Vec<bool>,
 }
 
 impl InputEncoder {
@@ -526,6 +529,8 @@ impl InputEncoder {
             cols,
             rows: 0,
             bytes: 0,
+            values: Vec::new(),
+            nulls: Vec::new(),
         })
     }
 
@@ -550,11 +555,25 @@ impl InputEncoder {
         tupdesc: pg_sys::TupleDesc,
         row: u64,
     ) -> Result<(), CallError> {
+        // One deform per row (not one lookup per column): every attribute's Datum at once.
+        // SAFETY: tupdesc is valid per the caller.
+        let natts = unsafe { (*tupdesc).natts } as usize;
+        if self.values.len() < natts {
+            self.values.resize(natts, pg_sys::Datum::from(0usize));
+            self.nulls.resize(natts, true);
+        }
+        // SAFETY: tuple is described by tupdesc; the buffers hold natts entries.
+        unsafe {
+            pg_sys::heap_deform_tuple(
+                tuple,
+                tupdesc,
+                self.values.as_mut_ptr(),
+                self.nulls.as_mut_ptr(),
+            )
+        };
         for col in &mut self.cols {
-            let mut isnull = false;
-            // SAFETY: tuple and tupdesc are valid per the caller; attno is a live column
-            // of tupdesc.
-            let d = unsafe { pg_sys::SPI_getbinval(tuple, tupdesc, col.attno, &mut isnull) };
+            let i = col.attno as usize - 1;
+            let (d, isnull) = (self.values[i], self.nulls[i]);
             // SAFETY: d is a Datum of the column's type (or isnull).
             let added = unsafe { append_column(&mut col.encoder, d, isnull) };
             match added {
@@ -1035,6 +1054,13 @@ impl OutputDecoder {
         // Errors Postgres raises while converting (input functions, domain checks,
         // length coercions) are caught and raised again saying where the value was.
         let position = std::panic::AssertUnwindSafe(std::cell::Cell::new((0usize, 0u64)));
+        // The common columns, read from their typed buffers without per-value dispatch.
+        let fast: Vec<Fast<'_>> = self
+            .cols
+            .iter()
+            .zip(batch.columns())
+            .map(|(col, array)| Fast::of(col, array))
+            .collect();
         let cols = &mut self.cols;
         let converted =
             pgrx::PgTryBuilder::new(std::panic::AssertUnwindSafe(|| -> Result<(), CallError> {
@@ -1046,9 +1072,12 @@ impl OutputDecoder {
                     for (c, col) in cols.iter_mut().enumerate() {
                         position.set((c, row_number));
                         let array = batch.column(c);
-                        // SAFETY: the column was checked against the declared type.
-                        let value = unsafe { column_datum(col, array, row) }
-                            .map_err(|e| e.at(col, row_number))?;
+                        let value = match fast[c].datum(col.target.scalar, array, row) {
+                            Some(v) => v,
+                            // SAFETY: the column was checked against the declared type.
+                            None => unsafe { column_datum(col, array, row) },
+                        }
+                        .map_err(|e| e.at(col, row_number))?;
                         (values[c], nulls[c]) = match value {
                             Some(d) => (d, false),
                             None => (pg_sys::Datum::from(0usize), true),
@@ -1146,6 +1175,69 @@ impl OutError {
                 reason: "contains a NUL character, which Postgres text cannot hold",
             },
         }
+    }
+}
+
+/// An output column whose values go straight from a typed Arrow buffer to a Datum:
+/// integers into integer columns (range-checked), floats into float columns. Everything
+/// else takes the general path ([`column_datum`]).
+enum Fast<'a> {
+    I64(&'a [i64]),
+    I32(&'a [i32]),
+    I16(&'a [i16]),
+    F64(&'a [f64]),
+    F32(&'a [f32]),
+    Slow,
+}
+
+impl<'a> Fast<'a> {
+    fn of(col: &OutCol, array: &'a ArrayRef) -> Fast<'a> {
+        if col.layout.is_some() || col.target.typmod.is_some() {
+            return Fast::Slow;
+        }
+        use DataType as D;
+        match (col.target.scalar, array.data_type()) {
+            (Scalar::Int2 | Scalar::Int4 | Scalar::Int8, D::Int64) => {
+                Fast::I64(array.as_primitive::<Int64Type>().values())
+            }
+            (Scalar::Int2 | Scalar::Int4 | Scalar::Int8, D::Int32) => {
+                Fast::I32(array.as_primitive::<Int32Type>().values())
+            }
+            (Scalar::Int2 | Scalar::Int4 | Scalar::Int8, D::Int16) => {
+                Fast::I16(array.as_primitive::<Int16Type>().values())
+            }
+            (Scalar::Float8, D::Float64) => Fast::F64(array.as_primitive::<Float64Type>().values()),
+            (Scalar::Float4, D::Float32) => Fast::F32(array.as_primitive::<Float32Type>().values()),
+            _ => Fast::Slow,
+        }
+    }
+
+    /// The value at `row`, or None for the general path.
+    fn datum(
+        &self,
+        target: Scalar,
+        array: &ArrayRef,
+        row: usize,
+    ) -> Option<Result<Option<pg_sys::Datum>, OutError>> {
+        let v: i128 = match self {
+            Fast::Slow => return None,
+            _ if array.is_null(row) => return Some(Ok(None)),
+            Fast::F64(v) => return Some(Ok(Some(pg_sys::Datum::from(v[row].to_bits())))),
+            Fast::F32(v) => {
+                return Some(Ok(Some(pg_sys::Datum::from(v[row].to_bits() as u64))));
+            }
+            Fast::I64(v) => v[row].into(),
+            Fast::I32(v) => v[row].into(),
+            Fast::I16(v) => v[row].into(),
+        };
+        Some(
+            match target {
+                Scalar::Int2 => int_datum::<i16>(v),
+                Scalar::Int4 => int_datum::<i32>(v),
+                _ => int_datum::<i64>(v),
+            }
+            .map(Some),
+        )
     }
 }
 
@@ -1384,9 +1476,9 @@ unsafe fn scalar_datum(
     array: &dyn Array,
     row: usize,
 ) -> Result<pg_sys::Datum, OutError> {
-    let dt = array.data_type().clone();
+    let dt = array.data_type();
     let range = |v: String| OutError::Range(v);
-    let d = if is_str(&dt) {
+    let d = if is_str(dt) {
         let s = str_value(array, row);
         if s.as_bytes().contains(&0) {
             return Err(OutError::Nul);
@@ -1433,7 +1525,7 @@ unsafe fn scalar_datum(
                 .into_datum()
                 .expect("float8 is by value"),
             Scalar::Numeric => {
-                let text = match &dt {
+                let text = match dt {
                     DataType::Float32 => float_text(float_value(array, row), true),
                     DataType::Float64 => float_text(float_value(array, row), false),
                     DataType::Decimal128(..) => {
