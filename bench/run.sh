@@ -6,7 +6,11 @@
 #
 # Environment: BENCH_ROWS (default 1000000), BENCH_REPS (repetitions of the large
 # measures, default 3), BENCH_CALLS (trivial calls per measure, default 50),
-# BENCH_CONC_SECONDS (the 20-client run, default 20; 0 skips it).
+# BENCH_CONC_SECONDS (the 20-client run, default 20; 0 skips it), BENCH_WARM_POOL (the
+# daemon's [runtimes.python] warm_pool, default 1; 0 measures cold starts),
+# BENCH_KEEP_LOG (a path: the daemon's debug log is copied there, with each call's
+# session_folder_us, cgroup_us, spawn_us, run_us and session_removal_us), AIRLOCKD_BIN
+# (default /usr/local/bin/airlockd).
 #
 # It installs postgresql-plpython3-15 and postgresql-15-plr from Debian when missing,
 # starts a private airlockd (its own state_dir and socket) and a private PostgreSQL 15
@@ -50,6 +54,9 @@ cleanup() {
         kill -TERM "$DAEMON_PID" 2>/dev/null
         wait "$DAEMON_PID" 2>/dev/null
     fi
+    if [[ -n "${BENCH_KEEP_LOG:-}" ]]; then
+        cp "$WORK/airlockd.log" "$BENCH_KEEP_LOG"
+    fi
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -81,8 +88,10 @@ tmp_size_mib = 64
 
 [runtimes.python]
 prefix = "$PY_PREFIX"
+warm_pool = ${BENCH_WARM_POOL:-1}
 EOF
-"$AIRLOCKD" --config "$WORK/airlockd.toml" </dev/null >"$WORK/airlockd.log" 2>&1 &
+RUST_LOG="${BENCH_KEEP_LOG:+airlockd=debug,}info" \
+    "$AIRLOCKD" --config "$WORK/airlockd.toml" </dev/null >"$WORK/airlockd.log" 2>&1 &
 DAEMON_PID=$!
 for _ in $(seq 200); do
     [[ -S "$WORK/airlockd.sock" ]] && break
@@ -90,6 +99,14 @@ for _ in $(seq 200); do
     sleep 0.05
 done
 [[ -S "$WORK/airlockd.sock" ]] || { echo "airlockd did not start" >&2; cat "$WORK/airlockd.log" >&2; exit 1; }
+# Warm starts: measured once the pre-initialised interpreter is ready (or said why not).
+if [[ "${BENCH_WARM_POOL:-1}" != 0 ]]; then
+    for _ in $(seq 600); do
+        grep -q "warm starts" "$WORK/airlockd.log" && break
+        sleep 0.05
+    done
+    grep -h "warm starts" "$WORK/airlockd.log" | head -n1 | sed 's/^/airlockd: /' >&2 || true
+fi
 
 runuser -u postgres -- "$PG_BIN/initdb" -D "$PGDATA" -E UTF8 --locale=C.UTF-8 -U postgres -A trust >"$WORK/initdb.log" 2>&1 \
     || { cat "$WORK/initdb.log" >&2; exit 1; }
@@ -111,5 +128,7 @@ export PGHOST="$RUN" PGPORT="$PORT" PGUSER=postgres PGDATABASE=postgres
 
 # 3-5. Data, measures, table.
 CMD="bench/run.sh"
+[[ -n "${AIRLOCKD_BIN:-}" ]] && CMD="AIRLOCKD_BIN=$AIRLOCKD_BIN $CMD"
+[[ -n "${BENCH_WARM_POOL:-}" ]] && CMD="BENCH_WARM_POOL=$BENCH_WARM_POOL $CMD"
 /usr/bin/python3 "$HERE/bench.py" --work "$WORK" --pg-bin "$PG_BIN" --py-prefix "$PY_PREFIX" \
     --results "$HERE/RESULTS.md" --command "$CMD"
