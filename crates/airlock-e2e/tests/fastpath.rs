@@ -224,8 +224,13 @@ fn concurrent_warm_calls_each_get_their_own_sandbox() -> TestResult {
                 let mut c = analyst();
                 py_text(
                     &mut c,
+                    // A namespace's inode number is reused once it is gone, so the
+                    // start time of its init tells instances apart; the sleep keeps the
+                    // calls alive together.
                     &one(&format!(
-                        "(__import__('os').readlink('/proc/self/ns/pid'), {IS_WARM})"
+                        "(__import__('os').readlink('/proc/self/ns/pid'), \
+                         open('/proc/1/stat').read().split()[21], {IS_WARM}, \
+                         __import__('time').sleep(0.3))"
                     )),
                 )
             })

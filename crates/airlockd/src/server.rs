@@ -553,6 +553,19 @@ async fn run_call(
     }
     tracing::info!(?outcome, "call ended");
     record.ended(&outcome, stats.as_ref());
+    // Not running any more, whatever the backend still has to say.
+    drop(_listed);
+    // The backend has its answer before the teardown: every process of the call is gone
+    // already (the pid namespace's init exited), and removing the cgroup and the session
+    // folder does not delay the caller. The worker uid is released only afterwards.
+    if outcome != Outcome::Cancelled {
+        // The backend may already be gone; that is not an error of the daemon's.
+        let _ = conn
+            .write(&Reply::Ended {
+                outcome: outcome.clone(),
+            })
+            .await;
+    }
     drop(cgroup);
     let t_cleanup = std::time::Instant::now();
     drop(session);
@@ -562,11 +575,7 @@ async fn run_call(
         "call cleaned up"
     );
     drop(worker);
-    // Not running any more, whatever the backend still has to say.
-    drop(_listed);
     if outcome != Outcome::Cancelled {
-        // The backend may already be gone; that is not an error of the daemon's.
-        let _ = conn.write(&Reply::Ended { outcome }).await;
         if !record.has_report() {
             // The backend reports after reading the runtime's last frame, which can come
             // after the sandbox is gone. EOF (the backend failed or never got `done`)
