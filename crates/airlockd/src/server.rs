@@ -575,16 +575,14 @@ async fn run_call(
         "call cleaned up"
     );
     drop(worker);
-    if outcome != Outcome::Cancelled {
-        if !record.has_report() {
-            // The backend reports after reading the runtime's last frame, which can come
-            // after the sandbox is gone. EOF (the backend failed or never got `done`)
-            // leaves the counts null.
-            if let Ok(Ok(Request::Report { rows_in, rows_out })) =
-                tokio::time::timeout(REPORT_WAIT, conn.read()).await
-            {
-                record.report(rows_in, rows_out);
-            }
+    // The backend reports after reading the runtime's last frame, which can come after
+    // the sandbox is gone. EOF (the backend failed or never got `done`) leaves the counts
+    // null.
+    if outcome != Outcome::Cancelled && !record.has_report() {
+        if let Ok(Ok(Request::Report { rows_in, rows_out })) =
+            tokio::time::timeout(REPORT_WAIT, conn.read()).await
+        {
+            record.report(rows_in, rows_out);
         }
     }
     drop(record);
