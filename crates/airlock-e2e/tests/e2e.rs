@@ -936,6 +936,43 @@ fn session_folder_is_removed_after_an_error() -> TestResult {
     session_folder_gone(&notices)
 }
 
+/// The backend returns as soon as the runtime says done; a script that says done itself
+/// and then keeps its process alive is killed shortly after, leaving nothing behind.
+fn a_runtime_lingering_after_done_is_killed() -> TestResult {
+    let (mut c, notices) = env().cluster.connect("analyst");
+    let t0 = Instant::now();
+    let rows = py(
+        &mut c,
+        "import os, time\nprint(os.getcwd(), flush=True)\ntime.sleep(0.3)\n\
+         done = b'\\x01{\"type\": \"done\", \"rows\": 0}'\n\
+         os.write(3, len(done).to_bytes(4, 'little') + done)\ntime.sleep(600)",
+        None,
+        "a int",
+    )?;
+    ensure(
+        rows.is_empty() && t0.elapsed() < Duration::from_secs(WALL_LIMIT as u64),
+        format!("{} rows after {:?}", rows.len(), t0.elapsed()),
+    )?;
+    let cwd = printed_folder(&notices, Duration::from_secs(2))
+        .ok_or("the script's print of its folder never arrived")?;
+    let uuid = cwd.trim_start_matches("/sessions/").to_owned();
+    let host = env().daemon.sessions_dir().join(&uuid);
+    // Gone after the grace period (2 s), well before the wall-clock limit would act.
+    ensure(
+        eventually(Duration::from_secs(WALL_LIMIT as u64 - 1), || {
+            !host.exists()
+        }),
+        format!("{} still exists", host.display()),
+    )?;
+    let group = format!("call-{uuid}");
+    ensure(
+        eventually(Duration::from_secs(5), || {
+            find_dir("/sys/fs/cgroup".as_ref(), &group, 8).is_none()
+        }),
+        format!("cgroup {group} is left"),
+    )
+}
+
 /// The session folder (`/sessions/<uuid>`) a call's script printed as a NOTICE, waiting
 /// up to `limit` for it to arrive.
 fn printed_folder(notices: &airlock_e2e::Notices, limit: Duration) -> Option<String> {
@@ -1736,6 +1773,7 @@ fn main() {
         hostile_runtime_cannot_hurt_the_backend,
         fds_from_the_runtime_are_not_accepted,
         session_folder_is_removed_after_an_error,
+        a_runtime_lingering_after_done_is_killed,
         prints_become_notices,
         print_flood_is_cut_with_a_note,
         script_runs_as_a_worker_uid,

@@ -3,10 +3,11 @@
 //! ```text
 //! check switch, role, language ─► plan output columns ─► open the input cursor (SPI,
 //! as the calling role) ─► airlockd: hello, execute ─► Started + data fd ─► runtime:
-//! start, input batches, input_end ─► read prints, output batches, done ─► airlockd: ended
+//! start, input batches, input_end ─► read prints, output batches, done ─► airlockd: report
 //! ```
 //! Every wait is interruptible (see `channel`), and every early exit drops both sockets,
-//! which makes the daemon kill the sandbox.
+//! which makes the daemon kill the sandbox. After `done` the backend reports and returns
+//! at once; the daemon lets the runtime exit and tears down without the caller waiting.
 
 use std::{
     ffi::{CStr, CString},
@@ -960,13 +961,11 @@ unsafe fn run(fcinfo: pg_sys::FunctionCallInfo, args: CallArgs<'_>) -> Result<()
     // SAFETY: balanced with the SPI_connect above.
     unsafe { pg_sys::SPI_finish() };
     conv.sink.printer.finish();
+    // 7. Done: every row arrived and was checked. The report tells the daemon the call
+    //    finished (not cancelled); it lets the runtime exit and tears the sandbox down
+    //    without the caller waiting for that.
     report(&mut control, rows_in, conv.sink.rows_out);
-
-    // 7. The daemon confirms the sandbox is gone.
-    match ended(&mut control)? {
-        Outcome::Exited { code: 0 } => {}
-        other => return Err(outcome_error(other)),
-    }
+    drop(control);
     drop(conv);
     result.finish();
     Ok(())

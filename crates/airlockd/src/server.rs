@@ -119,6 +119,11 @@ const CPU_POLL: Duration = Duration::from_millis(200);
 /// audit record without row counts.
 const REPORT_WAIT: Duration = Duration::from_secs(60);
 
+/// How long a runtime may take to exit once the backend has every row and has hung up;
+/// the shim exits at once after `done`, so only a script that keeps the process alive
+/// meets this.
+const FINISHED_GRACE: Duration = Duration::from_secs(2);
+
 /// A call's cgroup; on drop its leftover processes are killed and it is removed, off the
 /// event loop (removal waits for the processes to go).
 struct CallGroup(Option<CallCgroup>);
@@ -490,6 +495,11 @@ async fn run_call(
     // CPU time is accounted per cgroup, so it covers every process of the call.
     let cpu_limit_usec = limits.cpu_seconds.saturating_mul(1_000_000);
     let mut cpu_tick = tokio::time::interval(CPU_POLL);
+    // Set when the backend reported its row counts and hung up: it has every row and
+    // waits for nothing more, so the runtime is let exit on its own, for a short while.
+    let mut finished_at: Option<tokio::time::Instant> = None;
+    let grace = tokio::time::sleep(Duration::from_secs(3600));
+    tokio::pin!(grace);
     let mut outcome = loop {
         tokio::select! {
             status = &mut exited => break match status {
@@ -505,13 +515,26 @@ async fn run_call(
             }
             // The backend's row counts arrive here once the runtime said done; EOF or
             // anything else from the backend means it has given up.
-            request = conn.read() => {
+            _ = &mut grace, if finished_at.is_some() => {
+                daemon.spawner.kill(call_id);
+                let _ = (&mut exited).await;
+                tracing::info!(grace_ms = FINISHED_GRACE.as_millis() as u64,
+                    "the runtime did not exit after the backend finished; sandbox killed");
+                break Outcome::Signaled { signal: 9 };
+            }
+            request = conn.read(), if finished_at.is_none() => {
                 match request {
                     Ok(Request::Report { rows_in, rows_out }) => {
                         record.report(rows_in, rows_out);
                         continue;
                     }
                     Ok(other) => tracing::warn!(request = ?other, "unexpected request during a call"),
+                    Err(ConnError::Closed) if record.has_report() => {
+                        let now = tokio::time::Instant::now();
+                        finished_at = Some(now);
+                        grace.as_mut().reset(now + FINISHED_GRACE);
+                        continue;
+                    }
                     Err(ConnError::Closed) => {}
                     Err(e) => tracing::warn!(error = %e, "bad frame from the backend during a call"),
                 }
