@@ -6,6 +6,7 @@ found through pg_stat_activity. Standard library only.
 """
 
 import argparse
+import json
 import datetime
 import glob
 import math
@@ -301,6 +302,8 @@ def main():
     ap.add_argument("--py-prefix", required=True)
     ap.add_argument("--results", required=True)
     ap.add_argument("--command", required=True)
+    # JSON from crates/airlock-sandbox/examples/overhead.rs.
+    ap.add_argument("--overhead", default="")
     args = ap.parse_args()
     site = glob.glob(os.path.join(args.py_prefix, "venv/lib/python3*/site-packages"))[0]
     b = Bench(args)
@@ -434,6 +437,19 @@ def render(res, notes, args, elapsed):
                 "",
                 "",
                 "≥ 100 calls/s, 0 errors",
+            ]
+        )
+    if args.overhead:
+        o = json.loads(args.overhead)
+        rows.append(
+            [
+                f"sandbox overhead over a bare process (/usr/bin/true, median of {o['runs']})",
+                f"+{o['overhead_ms']:.2f} ms ({o['sandboxed_ms']:.2f} vs {o['bare_ms']:.2f} ms)",
+                "none (in the backend)",
+                "none (in the backend)",
+                "",
+                "",
+                "≤ 2 ms",
             ]
         )
     base = res.get(("connect", "baseline"))

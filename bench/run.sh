@@ -130,5 +130,8 @@ export PGHOST="$RUN" PGPORT="$PORT" PGUSER=postgres PGDATABASE=postgres
 CMD="bench/run.sh"
 [[ -n "${AIRLOCKD_BIN:-}" ]] && CMD="AIRLOCKD_BIN=$AIRLOCKD_BIN $CMD"
 [[ -n "${BENCH_WARM_POOL:-}" ]] && CMD="BENCH_WARM_POOL=$BENCH_WARM_POOL $CMD"
+# The sandbox alone: /usr/bin/true bare and in a full sandbox (no database involved).
+(cd "$HERE/.." && cargo build --release --quiet -p airlock-sandbox --example overhead)
+OVERHEAD="$("$HERE/../target/release/examples/overhead" 50)"
 /usr/bin/python3 "$HERE/bench.py" --work "$WORK" --pg-bin "$PG_BIN" --py-prefix "$PY_PREFIX" \
-    --results "$HERE/RESULTS.md" --command "$CMD"
+    --results "$HERE/RESULTS.md" --command "$CMD" --overhead "$OVERHEAD"
