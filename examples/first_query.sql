@@ -23,4 +23,23 @@ $py$,
     input_data_1 => 'SELECT id, x, label FROM measurements ORDER BY id'
 ) AS r(id int8, x float8, label text, z float8);
 
+-- The same in R.
+SELECT * FROM airlock.execute_external_script(
+    language     => 'R',
+    script       => $r$
+OutputDataSet <- transform(InputDataSet, z = x * 2)
+$r$,
+    input_data_1 => 'SELECT id, x, label FROM measurements ORDER BY id'
+) AS r(id int8, x float8, label text, z float8);
+
+-- Parameters, and a query from inside the script (run as analyst, in this session).
+SELECT * FROM airlock.execute_external_script(
+    language => 'python',
+    script   => $py$
+big = airlock.query("SELECT id, x FROM measurements WHERE x > $1", [threshold])
+OutputDataSet = pd.DataFrame({"rows_above": [len(big)], "threshold": [threshold]})
+$py$,
+    params   => '{"threshold": 1.0}'
+) AS r(rows_above int8, threshold float8);
+
 RESET ROLE;
