@@ -12,7 +12,7 @@ const FIRST_UID: u32 = 62100;
 const WORKERS: u32 = 4;
 
 struct Env {
-    _daemon: Daemon,
+    daemon: Daemon,
     cluster: Cluster,
 }
 
@@ -874,13 +874,7 @@ fn main() {
             .expect("creating the analyst role");
         c.batch_execute(TYPES_TABLE).expect("creating every_type");
     }
-    if ENV
-        .set(Env {
-            _daemon: daemon,
-            cluster,
-        })
-        .is_err()
-    {
+    if ENV.set(Env { daemon, cluster }).is_err() {
         unreachable!("main runs once");
     }
     macro_rules! trials {
@@ -908,5 +902,13 @@ fn main() {
         r_errors_and_prints,
         r_runs_in_the_sandbox,
     ];
-    libtest_mimic::run(&args, trials).exit();
+    let conclusion = libtest_mimic::run(&args, trials);
+    let env = env();
+    if conclusion.has_failed() {
+        eprintln!("---- airlockd log ----\n{}", env.daemon.log());
+    }
+    // The cluster and the daemon are stopped whatever happened: nothing outlives the run.
+    env.cluster.stop();
+    env.daemon.stop();
+    conclusion.exit();
 }

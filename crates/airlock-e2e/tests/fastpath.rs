@@ -392,6 +392,9 @@ fn main() {
     let cluster = Cluster::start(&daemon.socket, true);
     setup_roles(&cluster);
     if let Err(e) = wait_until_warm(&daemon) {
+        // Nothing outlives the run, not even a failed start.
+        cluster.stop();
+        daemon.stop();
         panic!("{e:?}");
     }
     if ENV.set(Env { daemon, cluster }).is_err() {

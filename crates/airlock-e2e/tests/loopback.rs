@@ -17,7 +17,7 @@ const FIRST_UID: u32 = 62200;
 const WORKERS: u32 = 4;
 
 struct Env {
-    _daemon: Daemon,
+    daemon: Daemon,
     cluster: Cluster,
 }
 
@@ -432,13 +432,7 @@ fn main() {
     });
     let cluster = Cluster::start(&daemon.socket, true);
     connect_setup(&cluster);
-    if ENV
-        .set(Env {
-            _daemon: daemon,
-            cluster,
-        })
-        .is_err()
-    {
+    if ENV.set(Env { daemon, cluster }).is_err() {
         unreachable!("main runs once");
     }
     macro_rules! trials {
@@ -462,7 +456,15 @@ fn main() {
     // The write tests share one table: run one test at a time.
     let mut args = args;
     args.test_threads = Some(1);
-    libtest_mimic::run(&args, trials).exit();
+    let conclusion = libtest_mimic::run(&args, trials);
+    let env = env();
+    if conclusion.has_failed() {
+        eprintln!("---- airlockd log ----\n{}", env.daemon.log());
+    }
+    // The cluster and the daemon are stopped whatever happened: nothing outlives the run.
+    env.cluster.stop();
+    env.daemon.stop();
+    conclusion.exit();
 }
 
 fn connect_setup(cluster: &Cluster) {
