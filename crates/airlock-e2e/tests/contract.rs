@@ -730,6 +730,29 @@ fn a_hundred_megabyte_value_round_trips() -> TestResult {
     Ok(())
 }
 
+/// Values stored compressed or out of line (TOAST) arrive whole, in both directions.
+fn toasted_values_round_trip() -> TestResult {
+    let mut c = analyst();
+    for (lang, script) in [
+        ("python", "OutputDataSet = InputDataSet"),
+        ("r", "OutputDataSet <- InputDataSet"),
+    ] {
+        let rows = c
+            .query(
+                "SELECT bool_and(md5(o.t) = md5(s.t) AND md5(o.b) = md5(s.b)), count(*) \
+                 FROM airlock.execute_external_script($1, $2, 'SELECT id, t, b FROM toasty ORDER BY id') \
+                 AS o(id int4, t text, b bytea) JOIN toasty s USING (id)",
+                &[&lang, &script],
+            )
+            .map_err(|e| format!("{lang}: {}", describe(&e)))?;
+        ensure(
+            rows[0].get::<_, Option<bool>>(0) == Some(true) && rows[0].get::<_, i64>(1) == 2,
+            format!("{lang}: toasted values changed"),
+        )?;
+    }
+    Ok(())
+}
+
 fn column_count_mismatch_names_both_counts() -> TestResult {
     for (lang, script) in [
         (
@@ -873,6 +896,15 @@ fn main() {
         c.batch_execute("CREATE ROLE analyst LOGIN; GRANT airlock_script_executor TO analyst;")
             .expect("creating the analyst role");
         c.batch_execute(TYPES_TABLE).expect("creating every_type");
+        // Row 1 compresses (stored compressed); row 2 does not (stored out of line).
+        c.batch_execute(
+            "CREATE TABLE toasty (id int4, t text, b bytea);
+             INSERT INTO toasty SELECT 1, repeat('xyz', 200000), convert_to(repeat('ab', 100000), 'UTF8');
+             INSERT INTO toasty SELECT 2, string_agg(md5(g::text), ''), decode(string_agg(md5(g::text), ''), 'hex')
+                 FROM generate_series(1, 20000) g;
+             GRANT SELECT ON toasty TO analyst;",
+        )
+        .expect("creating toasty");
     }
     if ENV.set(Env { daemon, cluster }).is_err() {
         unreachable!("main runs once");
@@ -897,6 +929,7 @@ fn main() {
         a_thousand_columns_round_trip,
         a_hundred_megabyte_value_round_trips,
         column_count_mismatch_names_both_counts,
+        toasted_values_round_trip,
         r_sees_the_documented_types,
         r_refuses_values_it_would_turn_into_na,
         r_errors_and_prints,

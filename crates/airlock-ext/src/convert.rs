@@ -755,9 +755,17 @@ impl Detoasted {
     /// `d` must be a non-null varlena Datum that stays valid while this value lives.
     unsafe fn new(d: pg_sys::Datum) -> Detoasted {
         let original = d.cast_mut_ptr::<pg_sys::varlena>();
-        // SAFETY: per the caller, d is a varlena; pg_detoast_datum_packed returns it
-        // unchanged or a palloc'd detoasted copy.
-        let value = unsafe { pg_sys::pg_detoast_datum_packed(original) };
+        // SAFETY: per the caller, d is a varlena. An inline, uncompressed value (the
+        // common case) is used where it is, as pg_detoast_datum_packed would return it,
+        // without a call into Postgres; a compressed or external one is detoasted into a
+        // palloc'd copy.
+        let value = unsafe {
+            if pgrx::varlena::varatt_is_1b_e(original) || pgrx::varlena::varatt_is_4b_c(original) {
+                pg_sys::pg_detoast_datum_packed(original)
+            } else {
+                original
+            }
+        };
         Detoasted { original, value }
     }
 
