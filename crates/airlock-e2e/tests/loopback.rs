@@ -403,6 +403,37 @@ fn loopback_in_every_chunk_while_input_streams() -> TestResult {
     Ok(())
 }
 
+/// read_only applies to the script's statements only: the caller's transaction can
+/// still write afterwards, whether the script's statements succeeded or failed.
+fn read_only_does_not_leak_into_the_callers_transaction() -> TestResult {
+    // analyst has the default, read_only.
+    let mut c = connect("analyst");
+    for script in [
+        "OutputDataSet = airlock.query('SELECT 1 AS a')",
+        "try:\n    airlock.execute(\"INSERT INTO journal VALUES ('x')\")\n\
+         except airlock.QueryError:\n    pass\nOutputDataSet = pd.DataFrame({'a': [1]})",
+    ] {
+        let mut tx = c.transaction().map_err(|e| describe(&e))?;
+        tx.query(
+            "SELECT * FROM airlock.execute_external_script('python', $1) AS o(a int)",
+            &[&script],
+        )
+        .map_err(|e| describe(&e))?;
+        let ro: String = tx
+            .query_one("SHOW transaction_read_only", &[])
+            .map_err(|e| describe(&e))?
+            .get(0);
+        ensure(
+            ro == "off",
+            format!("transaction_read_only is {ro} after the call"),
+        )?;
+        tx.execute("INSERT INTO journal VALUES ('by the caller')", &[])
+            .map_err(|e| describe(&e))?;
+        tx.rollback().map_err(|e| describe(&e))?;
+    }
+    Ok(())
+}
+
 /// search_path is the caller's: an unqualified name resolves as in the calling session.
 fn search_path_is_the_callers() -> TestResult {
     let mut c = connect("analyst");
@@ -452,6 +483,7 @@ fn main() {
         the_relay_is_the_only_way_to_data,
         loopback_in_every_chunk_while_input_streams,
         search_path_is_the_callers,
+        read_only_does_not_leak_into_the_callers_transaction,
     ];
     // The write tests share one table: run one test at a time.
     let mut args = args;
