@@ -205,37 +205,7 @@ impl Channel {
 
     /// Sends all of `bytes`. `Err(PeerGone)` if the peer closed its end.
     pub fn send(&mut self, bytes: &[u8], deadline: Option<Instant>) -> Result<(), CallError> {
-        let mut sent = 0;
-        while sent < bytes.len() {
-            let iov = [IoSlice::new(&bytes[sent..])];
-            match sendmsg::<()>(
-                self.sock.as_raw_fd(),
-                &iov,
-                &[],
-                MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
-                None,
-            ) {
-                Ok(n) => sent += n,
-                Err(Errno::EAGAIN) | Err(Errno::EINTR) => {
-                    if let Ready::Timeout = wait(self.sock.as_raw_fd(), Want::Write, deadline) {
-                        return Err(CallError::PeerTimeout {
-                            peer: self.peer,
-                            what: "accept data",
-                        });
-                    }
-                }
-                Err(Errno::EPIPE) | Err(Errno::ECONNRESET) => {
-                    return Err(CallError::PeerGone { peer: self.peer })
-                }
-                Err(source) => {
-                    return Err(CallError::Io {
-                        peer: self.peer,
-                        source,
-                    })
-                }
-            }
-        }
-        Ok(())
+        self.send_all(bytes, deadline, None)
     }
 
     /// Sends all of `bytes` with no deadline, handing every frame that arrives meanwhile
@@ -245,6 +215,17 @@ impl Channel {
         &mut self,
         bytes: &[u8],
         on_frame: &mut dyn FnMut(Frame) -> Result<(), CallError>,
+    ) -> Result<(), CallError> {
+        self.send_all(bytes, None, Some(on_frame))
+    }
+
+    /// The send loop of both: while the socket is full, wait until it is writable (up to
+    /// `deadline`), or, with `on_frame`, also take whatever the peer sends meanwhile.
+    fn send_all(
+        &mut self,
+        bytes: &[u8],
+        deadline: Option<Instant>,
+        mut on_frame: Option<&mut dyn FnMut(Frame) -> Result<(), CallError>>,
     ) -> Result<(), CallError> {
         let mut sent = 0;
         while sent < bytes.len() {
@@ -257,14 +238,24 @@ impl Channel {
                 None,
             ) {
                 Ok(n) => sent += n,
-                Err(Errno::EAGAIN) | Err(Errno::EINTR) => {
-                    let want = if self.eof { Want::Write } else { Want::Either };
-                    if let Ready::Socket { readable: true } =
-                        wait(self.sock.as_raw_fd(), want, None)
-                    {
-                        self.read_available(on_frame)?;
+                Err(Errno::EAGAIN) | Err(Errno::EINTR) => match on_frame.as_deref_mut() {
+                    Some(on_frame) => {
+                        let want = if self.eof { Want::Write } else { Want::Either };
+                        if let Ready::Socket { readable: true } =
+                            wait(self.sock.as_raw_fd(), want, None)
+                        {
+                            self.read_available(on_frame)?;
+                        }
                     }
-                }
+                    None => {
+                        if let Ready::Timeout = wait(self.sock.as_raw_fd(), Want::Write, deadline) {
+                            return Err(CallError::PeerTimeout {
+                                peer: self.peer,
+                                what: "accept data",
+                            });
+                        }
+                    }
+                },
                 Err(Errno::EPIPE) | Err(Errno::ECONNRESET) => {
                     return Err(CallError::PeerGone { peer: self.peer })
                 }
@@ -284,55 +275,20 @@ impl Channel {
         &mut self,
         on_frame: &mut dyn FnMut(Frame) -> Result<(), CallError>,
     ) -> Result<(), CallError> {
-        if self.buf.is_empty() {
-            self.buf = vec![0u8; READ_CHUNK];
+        // End of stream only sets eof: the next send sees EPIPE, and recv() reports what
+        // is left.
+        self.read_once()?;
+        while let Some(frame) = self.next_buffered()? {
+            on_frame(frame)?;
         }
-        let mut buf = std::mem::take(&mut self.buf);
-        let got = self.recv_some(&mut buf);
-        if let Ok(n) = got {
-            self.dec.extend(&buf[..n]);
-        }
-        self.buf = buf;
-        match got {
-            // End of stream: the next send sees EPIPE, and recv() reports what is left.
-            Ok(0) | Err(Errno::ECONNRESET) => self.eof = true,
-            Ok(_) | Err(Errno::EAGAIN) | Err(Errno::EINTR) => {}
-            Err(source) => {
-                return Err(CallError::Io {
-                    peer: self.peer,
-                    source,
-                })
-            }
-        }
-        loop {
-            match self.dec.next_frame() {
-                Ok(Some(frame)) => on_frame(frame)?,
-                Ok(None) => return Ok(()),
-                Err(e) => {
-                    return Err(CallError::Protocol {
-                        peer: self.peer,
-                        message: e.to_string(),
-                    })
-                }
-            }
-        }
+        Ok(())
     }
 
     /// Receives the next frame; `Ok(None)` at end of stream.
     pub fn recv(&mut self, deadline: Option<Instant>) -> Result<Option<Frame>, CallError> {
-        if self.buf.is_empty() {
-            self.buf = vec![0u8; READ_CHUNK];
-        }
         loop {
-            match self.dec.next_frame() {
-                Ok(Some(frame)) => return Ok(Some(frame)),
-                Ok(None) => {}
-                Err(e) => {
-                    return Err(CallError::Protocol {
-                        peer: self.peer,
-                        message: e.to_string(),
-                    })
-                }
+            if let Some(frame) = self.next_buffered()? {
+                return Ok(Some(frame));
             }
             if self.eof {
                 if self.dec.buffered() > 0 {
@@ -343,32 +299,49 @@ impl Channel {
                 }
                 return Ok(None);
             }
-            let mut buf = std::mem::take(&mut self.buf);
-            let got = self.recv_some(&mut buf);
-            if let Ok(n) = got {
-                self.dec.extend(&buf[..n]);
-            }
-            self.buf = buf;
-            match got {
-                Ok(0) => self.eof = true,
-                Ok(_) => {}
-                Err(Errno::EAGAIN) | Err(Errno::EINTR) => {
-                    if let Ready::Timeout = wait(self.sock.as_raw_fd(), Want::Read, deadline) {
-                        return Err(CallError::PeerTimeout {
-                            peer: self.peer,
-                            what: "answer",
-                        });
-                    }
-                }
-                Err(Errno::ECONNRESET) => self.eof = true,
-                Err(source) => {
-                    return Err(CallError::Io {
+            if self.read_once()? {
+                if let Ready::Timeout = wait(self.sock.as_raw_fd(), Want::Read, deadline) {
+                    return Err(CallError::PeerTimeout {
                         peer: self.peer,
-                        source,
-                    })
+                        what: "answer",
+                    });
                 }
             }
         }
+    }
+
+    /// The next complete frame already read, if any.
+    fn next_buffered(&mut self) -> Result<Option<Frame>, CallError> {
+        self.dec.next_frame().map_err(|e| CallError::Protocol {
+            peer: self.peer,
+            message: e.to_string(),
+        })
+    }
+
+    /// One nonblocking read into the decoder. Sets `eof` at end of stream; returns
+    /// whether the read would have blocked.
+    fn read_once(&mut self) -> Result<bool, CallError> {
+        if self.buf.is_empty() {
+            self.buf = vec![0u8; READ_CHUNK];
+        }
+        let mut buf = std::mem::take(&mut self.buf);
+        let got = self.recv_some(&mut buf);
+        if let Ok(n) = got {
+            self.dec.extend(&buf[..n]);
+        }
+        self.buf = buf;
+        match got {
+            Ok(0) | Err(Errno::ECONNRESET) => self.eof = true,
+            Ok(_) => {}
+            Err(Errno::EAGAIN) | Err(Errno::EINTR) => return Ok(true),
+            Err(source) => {
+                return Err(CallError::Io {
+                    peer: self.peer,
+                    source,
+                })
+            }
+        }
+        Ok(false)
     }
 
     /// Takes the oldest file descriptor received with SCM_RIGHTS.
