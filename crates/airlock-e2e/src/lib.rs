@@ -365,6 +365,21 @@ impl Daemon {
     }
 }
 
+/// A client error as a test failure message: the server's message, SQLSTATE, DETAIL and
+/// HINT, or the client-side error.
+pub fn describe(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!(
+            "{} (SQLSTATE {}) detail: {:?} hint: {:?}",
+            db.message(),
+            db.code().code(),
+            db.detail(),
+            db.hint()
+        ),
+        None => e.to_string(),
+    }
+}
+
 /// Waits up to `limit` for `cond`; returns whether it became true.
 pub fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;

@@ -4,7 +4,7 @@
 
 use std::sync::OnceLock;
 
-use airlock_e2e::{Cluster, Daemon, DaemonSettings};
+use airlock_e2e::{describe, Cluster, Daemon, DaemonSettings};
 use libtest_mimic::{Arguments, Failed, Trial};
 use postgres::{error::SqlState, types::ToSql, Client, Row};
 
@@ -34,19 +34,6 @@ fn ensure(cond: bool, msg: impl Into<String>) -> TestResult {
 
 fn analyst() -> Client {
     env().cluster.connect("analyst").0
-}
-
-/// The server's message, code and detail, for failures.
-fn describe(e: &postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!(
-            "{} (SQLSTATE {}) detail: {:?}",
-            db.message(),
-            db.code().code(),
-            db.detail()
-        ),
-        None => e.to_string(),
-    }
 }
 
 fn db_error(r: Result<Vec<Row>, postgres::Error>) -> Result<postgres::error::DbError, Failed> {

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use airlock_e2e::{Cluster, Daemon, DaemonSettings};
+use airlock_e2e::{describe, Cluster, Daemon, DaemonSettings};
 use libtest_mimic::{Arguments, Failed, Trial};
 use postgres::{error::SqlState, Client, Row};
 
@@ -39,19 +39,6 @@ fn ensure(cond: bool, msg: impl Into<String>) -> TestResult {
 
 fn connect(role: &str) -> Client {
     env().cluster.connect(role).0
-}
-
-fn describe(e: &postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!(
-            "{} (SQLSTATE {}) detail: {:?} hint: {:?}",
-            db.message(),
-            db.code().code(),
-            db.detail(),
-            db.hint()
-        ),
-        None => e.to_string(),
-    }
 }
 
 fn call(
