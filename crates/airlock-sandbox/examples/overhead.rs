@@ -69,7 +69,7 @@ fn main() {
         env: vec![("PATH".into(), "/usr/bin".into())],
         hostname: "airlock".into(),
         tmp_size_bytes: 8 << 20,
-        cgroup_procs: Vec::new(),
+        cgroup: None,
         cpu_rlimit_seconds: 0,
         warm: None,
     };

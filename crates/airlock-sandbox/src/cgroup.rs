@@ -5,10 +5,13 @@
 //! Two layouts are supported:
 //!
 //! * **cgroup v2** (most production hosts): one hierarchy; the call's group is one
-//!   directory, usable for `clone3(CLONE_INTO_CGROUP)` through [`CallCgroup::v2_dir_fd`].
+//!   directory, into which a sandbox init is cloned (`clone3(CLONE_INTO_CGROUP)`, see
+//!   [`CallCgroup::join`]).
 //! * **cgroup v1** (hosts and containers that mount each controller separately): the
-//!   call's group is one directory per controller, and a pid is placed by writing it into
-//!   each controller's `cgroup.procs` ([`CallCgroup::procs_files`]).
+//!   call's group is one directory per controller; a sandbox init moves itself into each
+//!   controller's group through its `tasks` file ([`CallCgroup::join`]); any other
+//!   process is placed by writing its pid into each `cgroup.procs`
+//!   ([`CallCgroup::add_pid`]).
 //!
 //! [`CgroupRoot::detect`] picks the layout, creates the daemon's parent group inside the
 //! daemon's own group (so the daemon's own limits bound every call) and reports what it
@@ -28,6 +31,7 @@ use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use airlock_protocol::spawner::CgroupJoin;
 use nix::errno::Errno;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -568,14 +572,31 @@ impl CallCgroup {
     }
 
     /// The files a pid is written into to move it into the group: v2 the one
-    /// `cgroup.procs`, v1 each controller's. Write them while the child still waits for
-    /// its release, before it runs anything of the script's.
+    /// `cgroup.procs`, v1 each controller's.
     pub fn procs_files(&self) -> Vec<PathBuf> {
         self.dirs
             .unique()
             .into_iter()
             .map(|d| d.join("cgroup.procs"))
             .collect()
+    }
+
+    /// How a sandbox init enters this group by itself ([`CgroupJoin`]): v1 each
+    /// controller's `tasks` file, v2 the directory for `CLONE_INTO_CGROUP`.
+    pub fn join(&self) -> CgroupJoin {
+        match self.version {
+            CgroupVersion::V1 => CgroupJoin::V1 {
+                tasks: self
+                    .dirs
+                    .unique()
+                    .into_iter()
+                    .map(|d| d.join("tasks"))
+                    .collect(),
+            },
+            CgroupVersion::V2 => CgroupJoin::V2 {
+                dir: self.dirs.memory.clone(),
+            },
+        }
     }
 
     /// Moves process `pid` (all its threads) into the group.

@@ -7,7 +7,9 @@ use std::ffi::{c_char, CString};
 use std::os::fd::OwnedFd;
 use std::path::{Component, Path, PathBuf};
 
-use airlock_protocol::spawner::SpawnRequest;
+use airlock_protocol::spawner::{CgroupJoin, SpawnRequest};
+use nix::fcntl::OFlag;
+use nix::sys::stat::Mode;
 
 use crate::landlock_rules::{self, LandlockPlan};
 use crate::policy::{self, FsAccess, DEV_NODES, ENV_ALLOWED, ENV_ALLOWED_PREFIXES};
@@ -71,6 +73,11 @@ pub(crate) struct Plan {
     pub landlock: LandlockPlan,
     /// The seccomp filters, compiled.
     pub seccomp: seccomp::Programs,
+    /// cgroup v1: each controller's `tasks` file of the call's group, open for writing,
+    /// for the child to move itself (see [`CgroupJoin`]).
+    pub cgroup_tasks: Vec<OwnedFd>,
+    /// cgroup v2: the call's group directory, for `CLONE_INTO_CGROUP`.
+    pub cgroup_dir: Option<OwnedFd>,
     /// Null-terminated pointer arrays into `_argv` and `_env`, whose heap buffers do not
     /// move when the Plan moves.
     pub argv_ptrs: Vec<*const c_char>,
@@ -157,6 +164,7 @@ impl Plan {
         host_rules.push((session_source.as_c_str(), true, FsAccess::ReadWrite));
         let landlock = landlock_rules::prepare(&host_rules)?;
         let seccomp = seccomp::compile()?;
+        let (cgroup_tasks, cgroup_dir) = open_cgroup(req.cgroup.as_ref())?;
 
         let trees = Trees {
             ro: std::iter::repeat_with(|| None)
@@ -198,6 +206,8 @@ impl Plan {
             hostname,
             program,
             trees,
+            cgroup_tasks,
+            cgroup_dir,
             landlock,
             seccomp,
             argv_ptrs,
@@ -252,6 +262,35 @@ fn null_terminated(strings: &[CString]) -> Vec<*const c_char> {
 }
 
 /// An absolute path with no `..`, normalised (`.` and repeated `/` dropped).
+
+/// Opens what the child needs to enter the call's cgroup, as the spawner (root), before
+/// the clone: the child itself may no longer open these files once in its namespaces,
+/// and a cgroup file checks the credentials it was opened with.
+fn open_cgroup(join: Option<&CgroupJoin>) -> Result<(Vec<OwnedFd>, Option<OwnedFd>), SandboxError> {
+    let open = |path: &Path, flags: OFlag| {
+        nix::fcntl::open(path, flags | OFlag::O_CLOEXEC, Mode::empty()).map_err(|e| {
+            SandboxError::JoinCgroup {
+                path: path.to_owned(),
+                source: e.into(),
+            }
+        })
+    };
+    match join {
+        None => Ok((Vec::new(), None)),
+        Some(CgroupJoin::V1 { tasks }) => {
+            let fds = tasks
+                .iter()
+                .map(|t| open(t, OFlag::O_WRONLY))
+                .collect::<Result<_, _>>()?;
+            Ok((fds, None))
+        }
+        Some(CgroupJoin::V2 { dir }) => Ok((
+            Vec::new(),
+            Some(open(dir, OFlag::O_RDONLY | OFlag::O_DIRECTORY)?),
+        )),
+    }
+}
+
 fn absolute(path: &Path, field: &'static str) -> Result<PathBuf, SandboxError> {
     let bad = || SandboxError::NotAbsolute {
         field,
@@ -327,7 +366,7 @@ mod tests {
             env: vec![("LANG".into(), "C.UTF-8".into())],
             hostname: "airlock".into(),
             tmp_size_bytes: 1 << 20,
-            cgroup_procs: Vec::new(),
+            cgroup: None,
             cpu_rlimit_seconds: 0,
             warm: None,
         }

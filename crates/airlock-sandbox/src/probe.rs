@@ -95,7 +95,7 @@ fn probe_namespaces() -> LayerStatus {
         enforced,
         detail,
     };
-    let pidfd = match sys::clone_sandbox_init(NAMESPACES.bits() as u64) {
+    let pidfd = match sys::clone_sandbox_init(NAMESPACES.bits() as u64, None) {
         Ok(Cloned::Child) => sys::exit_now(0),
         Ok(Cloned::Parent { pidfd, .. }) => pidfd,
         Err(e) => return status(false, format!("clone into new namespaces: {e}")),

@@ -17,7 +17,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, IntoRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use airlock_protocol::spawner::SpawnRequest;
+use airlock_protocol::spawner::{CgroupJoin, SpawnRequest};
 use nix::errno::Errno;
 use nix::fcntl::{open, openat, OFlag, AT_FDCWD};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
@@ -42,6 +42,7 @@ pub const DATA_FD: RawFd = 3;
 pub(crate) enum Step {
     ResetProcessState = 1,
     WaitForRelease,
+    JoinCgroup,
     MakeMountsPrivate,
     MountRootTmpfs,
     EnterRoot,
@@ -91,9 +92,10 @@ pub(crate) enum Step {
 }
 
 impl Step {
-    const ALL: [Step; 48] = [
+    const ALL: [Step; 49] = [
         Step::ResetProcessState,
         Step::WaitForRelease,
+        Step::JoinCgroup,
         Step::MakeMountsPrivate,
         Step::MountRootTmpfs,
         Step::EnterRoot,
@@ -223,6 +225,14 @@ fn describe(step: Step, index: usize, errno: Errno, req: &SpawnRequest) -> Sandb
     match step {
         Step::ResetProcessState => SandboxError::ResetSignals(errno),
         Step::WaitForRelease => SandboxError::WaitForRelease(errno),
+        Step::JoinCgroup => SandboxError::JoinCgroup {
+            path: match &req.cgroup {
+                Some(CgroupJoin::V1 { tasks }) => tasks.get(index).cloned().unwrap_or_default(),
+                Some(CgroupJoin::V2 { dir }) => dir.clone(),
+                None => PathBuf::new(),
+            },
+            source: source.into(),
+        },
         Step::MakeMountsPrivate => SandboxError::MakeMountsPrivate(errno),
         Step::MountRootTmpfs => SandboxError::MountTmpfs {
             path: req.root_mountpoint.clone(),
@@ -449,6 +459,7 @@ fn child_setup(plan: &mut Plan, fds: ChildFds<'_>) -> Result<RawFd, (Failure, Ra
     let steps = (|| {
         reset_process_state()?;
         wait_for_release(fds.release_read)?;
+        join_cgroup(plan)?;
         enter_sandbox(plan)?;
         become_worker(plan)?;
         restrict_filesystem(plan)?;
@@ -490,6 +501,24 @@ fn wait_for_release(release: BorrowedFd<'_>) -> StepResult {
             Err(e) => return Err(failed(Step::WaitForRelease)(e)),
         }
     }
+}
+
+/// Before anything of the sandbox is built, the init enters the call's cgroup, so all
+/// of its setup and everything of the runtime's is within the call's memory, pids and
+/// CPU limits and accounting. On cgroup v1 it moves itself, a single thread, by writing
+/// `0` to each controller's `tasks` file (opened by the spawner as root): a pid written
+/// from outside would take the kernel's global threadgroup lock, whose write side waits
+/// for an RCU grace period (6-15 ms after a pause). On v2 the clone already placed it
+/// there (`CLONE_INTO_CGROUP`).
+fn join_cgroup(plan: &Plan) -> StepResult {
+    for (i, tasks) in plan.cgroup_tasks.iter().enumerate() {
+        match write(tasks, b"0") {
+            Ok(1) => {}
+            Ok(_) => return Err(at(Step::JoinCgroup, i)(Errno::EIO)),
+            Err(e) => return Err(at(Step::JoinCgroup, i)(e)),
+        }
+    }
+    Ok(())
 }
 
 /// Builds the sandbox's filesystem and hostname in the current process, which must
@@ -908,7 +937,7 @@ mod tests {
             env: vec![],
             hostname: "airlock".into(),
             tmp_size_bytes: 1 << 20,
-            cgroup_procs: Vec::new(),
+            cgroup: None,
             cpu_rlimit_seconds: 0,
             warm: None,
         }

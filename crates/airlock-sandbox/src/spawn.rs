@@ -172,7 +172,9 @@ fn start(req: &SpawnRequest, data_fd: OwnedFd, end: ChildEnd) -> Result<Forked, 
         })?;
 
     let (pid, pidfd) =
-        match sys::clone_sandbox_init(NAMESPACES.bits() as u64).map_err(SandboxError::Clone)? {
+        match sys::clone_sandbox_init(NAMESPACES.bits() as u64, plan.cgroup_dir.as_ref())
+            .map_err(SandboxError::Clone)?
+        {
             Cloned::Child => {
                 let fds = ChildFds {
                     data: data_fd.as_fd(),
@@ -211,7 +213,6 @@ fn start(req: &SpawnRequest, data_fd: OwnedFd, end: ChildEnd) -> Result<Forked, 
     };
     // On any error below, dropping `sandbox` kills and reaps the child.
     write_id_maps(pid, req.uid, req.gid)?;
-    join_cgroup(pid, &req.cgroup_procs)?;
     release(&release_write)?;
     drop(release_write);
     match read_result(&result_read)? {
@@ -248,19 +249,6 @@ fn write_id_maps(pid: i32, uid: u32, gid: u32) -> Result<(), SandboxError> {
     ] {
         std::fs::write(format!("/proc/{pid}/{file}"), contents)
             .map_err(|source| SandboxError::IdMap { pid, file, source })?;
-    }
-    Ok(())
-}
-
-/// Moves the sandbox init into the call's cgroup while it still waits to be released:
-/// nothing of the runtime runs outside the call's memory, pids and CPU limits, and every
-/// process it starts is born inside them.
-fn join_cgroup(pid: i32, procs_files: &[std::path::PathBuf]) -> Result<(), SandboxError> {
-    for path in procs_files {
-        std::fs::write(path, pid.to_string()).map_err(|source| SandboxError::JoinCgroup {
-            path: path.clone(),
-            source,
-        })?;
     }
     Ok(())
 }

@@ -20,7 +20,8 @@ fn check(ret: c_long) -> Result<c_long, Errno> {
     }
 }
 
-/// `struct clone_args` of `clone3(2)`, first version (64 bytes); libc does not define it.
+/// `struct clone_args` of `clone3(2)`, second version (88 bytes, with `cgroup`, Linux
+/// 5.7); libc does not define it.
 #[repr(C)]
 #[derive(Default)]
 struct CloneArgs {
@@ -32,7 +33,14 @@ struct CloneArgs {
     stack: u64,
     stack_size: u64,
     tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
 }
+
+/// `CLONE_INTO_CGROUP` (Linux 5.7), which the libc crate does not define for every
+/// target.
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 
 /// Which side of [`clone_sandbox_init`] we are on.
 pub(crate) enum Cloned {
@@ -45,17 +53,24 @@ pub(crate) enum Cloned {
     },
 }
 
-/// `clone3` with `flags | CLONE_PIDFD`, fork-like (no new stack), exit signal SIGCHLD.
-pub(crate) fn clone_sandbox_init(flags: u64) -> Result<Cloned, Errno> {
+/// `clone3` with `flags | CLONE_PIDFD`, fork-like (no new stack), exit signal SIGCHLD;
+/// with `cgroup` (a cgroup v2 directory) the child starts in that group
+/// (`CLONE_INTO_CGROUP`).
+pub(crate) fn clone_sandbox_init(flags: u64, cgroup: Option<&OwnedFd>) -> Result<Cloned, Errno> {
     let mut pidfd: c_int = -1;
-    let args = CloneArgs {
+    let mut args = CloneArgs {
         flags: flags | libc::CLONE_PIDFD as u64,
         pidfd: &mut pidfd as *mut c_int as u64,
         exit_signal: libc::SIGCHLD as u64,
         ..CloneArgs::default()
     };
+    if let Some(dir) = cgroup {
+        args.flags |= CLONE_INTO_CGROUP;
+        // An open fd is non-negative.
+        args.cgroup = dir.as_raw_fd() as u64;
+    }
     // SAFETY: `args` is a valid, initialised clone_args of the size we pass, and `pidfd`
-    // outlives the call. Without CLONE_VM or a new stack this behaves like fork(): the
+    // (and the borrowed cgroup fd) outlive the call. Without CLONE_VM or a new stack this behaves like fork(): the
     // child gets a copy of this address space and returns here with 0. `spawn` sends the
     // child straight into `child_main`, which never returns and does only
     // async-signal-safe work, so glibc state copied from other threads (locks, the

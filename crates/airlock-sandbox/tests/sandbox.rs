@@ -14,7 +14,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
-use airlock_protocol::spawner::{ExitStatus, FromSpawner, RoMount, SpawnRequest, ToSpawner};
+use airlock_protocol::spawner::{
+    CgroupJoin, ExitStatus, FromSpawner, RoMount, SpawnRequest, ToSpawner,
+};
+use airlock_sandbox::cgroup::{CgroupLimits, CgroupRoot, CgroupVersion};
 use airlock_sandbox::{
     recv_message, run_spawner, send_message, spawn, SandboxError, MAX_MESSAGE_LEN,
 };
@@ -104,7 +107,7 @@ impl Fixture {
             ],
             hostname: "airlock-test".into(),
             tmp_size_bytes: 8 << 20,
-            cgroup_procs: Vec::new(),
+            cgroup: None,
             cpu_rlimit_seconds: 0,
             warm: None,
         }
@@ -451,6 +454,101 @@ fn missing_mount_source_fails_before_cloning() {
     assert!(
         err.to_string()
             .starts_with("stat ro mount source /nonexistent/runtime: "),
+        "{err}"
+    );
+}
+
+/// The init enters the call's cgroup before its release, by itself (v1 writes `0` to
+/// each `tasks` file): the runtime's first line already sees every controller's group.
+#[test]
+fn v1_the_runtime_starts_inside_the_calls_cgroup() {
+    let fx = Fixture::new();
+    let name = format!("airlock-sandbox-test-{}", std::process::id());
+    let root = CgroupRoot::detect(&name).expect("detect");
+    assert_eq!(
+        root.version(),
+        CgroupVersion::V1,
+        "this machine's daemon uses cgroup v1; the v2 way is the next test"
+    );
+    let limits = CgroupLimits {
+        memory_bytes: 256 << 20,
+        pids: 64,
+        cpu_quota_percent: 100,
+    };
+    let call = root.create("call", &limits).expect("create");
+    let mut req = fx.request(&sh("cat /proc/self/cgroup >&3"));
+    req.cgroup = Some(call.join());
+    let out = run_ok(&req);
+    for controller in ["memory", "pids", "cpu"] {
+        let line = out
+            .lines()
+            .find(|l| {
+                l.split(':')
+                    .nth(1)
+                    .is_some_and(|c| c.split(',').any(|c| c == controller))
+            })
+            .unwrap_or_else(|| panic!("no {controller} line in {out:?}"));
+        assert!(
+            line.ends_with(&format!("/{name}/call")),
+            "{controller}: {line}"
+        );
+    }
+    call.remove().expect("remove the call group");
+    root.remove().expect("remove the test root");
+}
+
+/// v2: the init is cloned straight into the group (`CLONE_INTO_CGROUP`). This machine
+/// mounts a v2 hierarchy beside the v1 controllers; the test uses it directly.
+#[test]
+fn v2_the_runtime_is_cloned_into_the_calls_cgroup() {
+    let fx = Fixture::new();
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let v2 = mountinfo
+        .lines()
+        .find(|l| {
+            l.split(" - ")
+                .nth(1)
+                .is_some_and(|t| t.starts_with("cgroup2 "))
+        })
+        .and_then(|l| l.split(' ').nth(4))
+        .expect("no cgroup2 mount on this machine");
+    let own = fs::read_to_string("/proc/self/cgroup").expect("own cgroup");
+    let own = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .expect("no v2 line in /proc/self/cgroup");
+    let rel = format!(
+        "{}/airlock-sandbox-test-v2-{}",
+        own.trim_end_matches('/'),
+        std::process::id()
+    );
+    let dir = Path::new(v2).join(rel.trim_start_matches('/'));
+    fs::create_dir(&dir).expect("create a v2 group");
+    let mut req = fx.request(&sh("cat /proc/self/cgroup >&3"));
+    req.cgroup = Some(CgroupJoin::V2 { dir: dir.clone() });
+    let out = run(&req);
+    fs::remove_dir(&dir).expect("remove the v2 group");
+    assert_eq!(out.1, ExitStatus::Code { code: 0 }, "output: {}", out.0);
+    assert!(
+        out.0.lines().any(|l| l == format!("0::{rel}")),
+        "want 0::{rel} in {:?}",
+        out.0
+    );
+}
+
+/// A group that cannot be joined is the setup's error, naming the file; nothing runs.
+#[test]
+fn an_unjoinable_cgroup_fails_the_spawn_naming_it() {
+    let fx = Fixture::new();
+    let mut req = fx.request(&["/usr/bin/true"]);
+    req.cgroup = Some(CgroupJoin::V1 {
+        tasks: vec!["/nonexistent/cgroup/tasks".into()],
+    });
+    let (_ours, theirs) = data_pair();
+    let err = spawn(&req, theirs).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("move the sandbox init into its cgroup via /nonexistent/cgroup/tasks: "),
         "{err}"
     );
 }

@@ -162,7 +162,7 @@ pub fn spawn_request(config: &Config, call: CallSpec<'_>) -> SpawnRequest {
         hostname: "airlock".into(),
         tmp_size_bytes: config.limits.tmp_size_mib * 1024 * 1024,
         // Filled in by the caller once the call's cgroup exists.
-        cgroup_procs: Vec::new(),
+        cgroup: None,
         // The daemon's per-call CPU accounting acts first; each process's own limit is
         // a backstop a little above it.
         cpu_rlimit_seconds: config.limits.cpu_seconds + 5,

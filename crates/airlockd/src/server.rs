@@ -445,11 +445,7 @@ async fn run_call(
             session_target: PathBuf::from("/sessions").join(session_id.to_string()),
         },
     );
-    req.cgroup_procs = cgroup
-        .as_ref()
-        .and_then(|c| c.0.as_ref())
-        .map(|c| c.procs_files())
-        .unwrap_or_default();
+    req.cgroup = cgroup.as_ref().and_then(|c| c.0.as_ref()).map(|c| c.join());
     let t_cgroup = t0.elapsed();
     let started = match daemon.spawner.spawn(req, sandbox_end).await {
         Ok(s) => s,
