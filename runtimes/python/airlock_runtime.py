@@ -117,8 +117,10 @@ def main():
 def run(chan):
     """The whole conversation; raises Failure for anything that ends in script_error."""
     try:
-        start = read_start(chan)
+        # Libraries first: a sandbox prepared ahead of its call imports them while it
+        # waits for the call's start.
         libs = import_libraries()
+        start = read_start(chan)
         chunks = input_chunks(chan, start, libs)
         first = next(chunks)
     except (ProtocolError, InputError) as e:

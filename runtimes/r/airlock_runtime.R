@@ -284,12 +284,9 @@ local({
         # Without the bridge there is nobody to report to.
         if (is.null(dll)) return(EXIT_INPUT)
 
-        start <- tryCatch(bcall("airlock_start"), error = function(e) e)
-        if (inherits(start, "error")) {
-            return(report(failure("input", class(start)[1], conditionMessage(start), "",
-                                  EXIT_INPUT)))
-        }
         # Loaded before printed output is forwarded: their start-up messages go nowhere.
+        # And before the call's start: a sandbox prepared ahead of its call loads them
+        # while it waits.
         libs <- tryCatch({
             suppressPackageStartupMessages(library(bit64))
             suppressPackageStartupMessages(loadNamespace("hms"))
@@ -300,6 +297,11 @@ local({
                                   paste("the R runtime cannot load its packages:",
                                         conditionMessage(libs)),
                                   "", EXIT_INPUT)))
+        }
+        start <- tryCatch(bcall("airlock_start"), error = function(e) e)
+        if (inherits(start, "error")) {
+            return(report(failure("input", class(start)[1], conditionMessage(start), "",
+                                  EXIT_INPUT)))
         }
         for (name in names(start$params)) {
             assign(name, start$params[[name]], envir = globalenv())

@@ -393,3 +393,17 @@ pub fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
         thread::sleep(Duration::from_millis(25));
     }
 }
+
+/// The session folder (`/sessions/<uuid>`) a call's script printed as a NOTICE, waiting
+/// up to `limit` for it to arrive.
+pub fn printed_folder(notices: &Notices, limit: Duration) -> Option<String> {
+    let mut cwd = None;
+    eventually(limit, || {
+        cwd = notices
+            .lock()
+            .ok()
+            .and_then(|n| n.iter().find(|l| l.starts_with("/sessions/")).cloned());
+        cwd.is_some()
+    });
+    cwd
+}

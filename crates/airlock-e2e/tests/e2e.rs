@@ -8,7 +8,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use airlock_e2e::{airlock_cli_bin, eventually, postgres_user, Cluster, Daemon, DaemonSettings};
+use airlock_e2e::{
+    airlock_cli_bin, eventually, postgres_user, printed_folder, Cluster, Daemon, DaemonSettings,
+};
 use airlock_protocol::audit::{AuditOutcome, Record as AuditRecord};
 use libtest_mimic::{Arguments, Failed, Trial};
 use postgres::{error::SqlState, Client, Row};
@@ -971,20 +973,6 @@ fn a_runtime_lingering_after_done_is_killed() -> TestResult {
         }),
         format!("cgroup {group} is left"),
     )
-}
-
-/// The session folder (`/sessions/<uuid>`) a call's script printed as a NOTICE, waiting
-/// up to `limit` for it to arrive.
-fn printed_folder(notices: &airlock_e2e::Notices, limit: Duration) -> Option<String> {
-    let mut cwd = None;
-    eventually(limit, || {
-        cwd = notices
-            .lock()
-            .ok()
-            .and_then(|n| n.iter().find(|l| l.starts_with("/sessions/")).cloned());
-        cwd.is_some()
-    });
-    cwd
 }
 
 /// The session folder the script printed as its first NOTICE no longer exists on the

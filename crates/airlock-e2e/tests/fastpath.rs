@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use airlock_e2e::{eventually, Cluster, Daemon, DaemonSettings};
+use airlock_e2e::{eventually, printed_folder, Cluster, Daemon, DaemonSettings};
 use libtest_mimic::{Arguments, Failed, Trial};
 use postgres::Client;
 
@@ -267,11 +267,14 @@ fn no_daemon_path_in_the_memory_map() -> TestResult {
 
 /// A wall-clock kill of a warm call is reported as the limit and leaves nothing.
 fn timeout_of_a_warm_call_is_reported() -> TestResult {
-    let mut c = analyst();
+    let (mut c, notices) = env().cluster.connect("analyst");
     let sql = "SELECT * FROM airlock.execute_external_script('python', $1) AS r(v text)";
     let started = Instant::now();
     let err = c
-        .query(sql, &[&"import time\ntime.sleep(60)"])
+        .query(
+            sql,
+            &[&"import os, time\nprint(os.getcwd(), flush=True)\ntime.sleep(60)"],
+        )
         .err()
         .ok_or("expected the wall-clock limit")?;
     let db = err.as_db_error().ok_or("a server error")?;
@@ -280,11 +283,13 @@ fn timeout_of_a_warm_call_is_reported() -> TestResult {
         format!("{} {}", db.code().code(), db.message()),
     )?;
     let daemon = &env().daemon;
+    let folder = printed_folder(&notices, Duration::ZERO).ok_or("no folder printed")?;
+    let host = daemon
+        .sessions_dir()
+        .join(folder.trim_start_matches("/sessions/"));
     ensure(
-        eventually(Duration::from_secs(10), || {
-            fs::read_dir(daemon.sessions_dir()).map_or(true, |d| d.count() == 0)
-        }),
-        "session folder left behind",
+        eventually(Duration::from_secs(10), || !host.exists()),
+        format!("session folder {} left behind", host.display()),
     )?;
     // And the next call is warm again.
     let out = py_text(&mut c, &one(IS_WARM))?;
@@ -323,13 +328,18 @@ fn a_killed_interpreter_falls_back_to_cold_then_recovers() -> TestResult {
     )
 }
 
-/// A daemon configured with `warm_pool = 0` starts every call cold.
+/// A daemon configured with `warm_pool = 0` starts every call cold, and with
+/// `prepared = 0` builds each call's sandbox when the call arrives.
 fn warm_pool_zero_turns_it_off() -> TestResult {
     let daemon = Daemon::start(settings(FIRST_UID + 100));
     daemon.crash();
     let config = daemon.dir.path().join("airlockd.toml");
     let text = fs::read_to_string(&config).map_err(|e| e.to_string())?;
-    let text = text.replacen("[runtimes.r]", "warm_pool = 0\n[runtimes.r]", 1);
+    let text = text.replacen(
+        "[runtimes.r]",
+        "warm_pool = 0\nprepared = 0\n[runtimes.r]",
+        1,
+    );
     fs::write(&config, text).map_err(|e| e.to_string())?;
     daemon.restart();
     let cluster = Cluster::start(&daemon.socket, true);
@@ -348,7 +358,121 @@ fn warm_pool_zero_turns_it_off() -> TestResult {
     ensure(
         !log.contains("warm starts ready"),
         "a zygote started although warm_pool = 0",
+    )?;
+    ensure(
+        log.contains("prepared=false") && !log.contains("prepared=true"),
+        "a call took a prepared sandbox although prepared = 0",
     )
+}
+
+/// Seconds since the call's process started, as the script sees it: a prepared
+/// sandbox was started before the call arrived.
+const AGE: &str = "(lambda s, u: float(u.split()[0]) - int(s.split(')')[-1].split()[19]) / __import__('os').sysconf('SC_CLK_TCK'))(open('/proc/self/stat').read(), open('/proc/uptime').read())";
+
+/// After a pause, a call (of either language, of a caller new to the daemon) is served
+/// by a sandbox prepared ahead: its process is older than the call, the daemon logs it
+/// as prepared, and it is confined like any other (the rest of this suite and the
+/// escape suite run on prepared sandboxes too).
+fn calls_take_sandboxes_prepared_ahead() -> TestResult {
+    let daemon = &env().daemon;
+    thread::sleep(Duration::from_millis(1500));
+    let before = daemon.log().matches("prepared=true").count();
+    let mut c = analyst();
+    let out = py_text(&mut c, &one(AGE))?;
+    let age: f64 = out[0].parse().map_err(|_| format!("age: {out:?}"))?;
+    ensure(
+        age > 1.0,
+        format!("the call's process is {age} s old: built for the call, not ahead of it"),
+    )?;
+    // R: a new caller (another role), its own language's prepared sandbox.
+    thread::sleep(Duration::from_millis(1500));
+    let (mut r, _) = env().cluster.connect("r_analyst");
+    let script = "s <- strsplit(readLines('/proc/self/stat'), ') ')[[1]][2]
+start <- as.numeric(strsplit(s, ' ')[[1]][20]) / 100
+up <- as.numeric(strsplit(readLines('/proc/uptime'), ' ')[[1]][1])
+OutputDataSet <- data.frame(v = up - start)";
+    let rows = r
+        .query(
+            "SELECT * FROM airlock.execute_external_script('R', $1) AS r(v float8)",
+            &[&script],
+        )
+        .map_err(|e| airlock_e2e::describe(&e))?;
+    let r_age: f64 = rows[0].get(0);
+    ensure(
+        r_age > 1.0,
+        format!("the R call's process is {r_age} s old: built for the call"),
+    )?;
+    ensure(
+        eventually(Duration::from_secs(2), || {
+            daemon.log().matches("prepared=true").count() >= before + 2
+        }),
+        "the daemon did not log both calls as prepared",
+    )
+}
+
+/// A prepared sandbox that died while it waited (killed from outside here) is never
+/// handed to a call: the call gets another, and succeeds.
+fn a_prepared_sandbox_killed_while_waiting_is_never_used() -> TestResult {
+    let daemon = &env().daemon;
+    // Let the refills finish, then kill every sandbox init waiting (pid 1 of its own
+    // pid namespace, running as a worker uid; no call runs now).
+    thread::sleep(Duration::from_millis(1500));
+    let waiting = sandbox_inits();
+    ensure(!waiting.is_empty(), "no prepared sandbox to kill")?;
+    for pid in &waiting {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    ensure(
+        eventually(Duration::from_secs(5), || {
+            waiting
+                .iter()
+                .all(|p| !std::path::Path::new(&format!("/proc/{p}")).exists())
+        }),
+        "the killed sandboxes were not reaped",
+    )?;
+    // The exit notices travel zygote -> spawner -> daemon.
+    thread::sleep(Duration::from_millis(300));
+    let mut c = analyst();
+    for _ in 0..3 {
+        let out = py_text(&mut c, &one("1 + 1"))?;
+        ensure(out == ["2"], format!("after the kill: {out:?}"))?;
+    }
+    ensure(
+        daemon
+            .log()
+            .contains("a prepared sandbox died before its call; discarded"),
+        "the dead sandboxes were not discarded",
+    )
+}
+
+/// Host pids of sandbox inits running as a worker uid of this suite's daemon.
+fn sandbox_inits() -> Vec<i32> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status")) else {
+                return false;
+            };
+            let field = |name: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .map(|v| v.split_whitespace().collect::<Vec<_>>())
+            };
+            let uid_ok = field("Uid:")
+                .and_then(|v| v.first()?.parse::<u32>().ok())
+                .is_some_and(|u| (FIRST_UID..FIRST_UID + WORKERS).contains(&u));
+            // NSpid: the host pid, then 1 in the sandbox's own namespace.
+            let init = field("NSpid:").is_some_and(|v| v.len() == 2 && v[1] == "1");
+            uid_ok && init
+        })
+        .collect()
 }
 
 fn find_zygote(daemon_pid: u32) -> Option<i32> {
@@ -381,7 +505,9 @@ fn setup_roles(cluster: &Cluster) {
     let (mut c, _) = cluster.connect("postgres");
     c.batch_execute(
         "CREATE ROLE analyst LOGIN;
-         GRANT airlock_script_executor TO analyst;",
+         GRANT airlock_script_executor TO analyst;
+         CREATE ROLE r_analyst LOGIN;
+         GRANT airlock_r_executor TO r_analyst;",
     )
     .expect("setting up roles");
 }
@@ -416,6 +542,8 @@ fn main() {
         no_daemon_path_in_the_memory_map,
         timeout_of_a_warm_call_is_reported,
         warm_pool_zero_turns_it_off,
+        calls_take_sandboxes_prepared_ahead,
+        a_prepared_sandbox_killed_while_waiting_is_never_used,
     ];
     let mut args = args;
     args.test_threads = Some(1);

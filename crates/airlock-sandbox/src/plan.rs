@@ -261,8 +261,6 @@ fn null_terminated(strings: &[CString]) -> Vec<*const c_char> {
         .collect()
 }
 
-/// An absolute path with no `..`, normalised (`.` and repeated `/` dropped).
-
 /// Opens what the child needs to enter the call's cgroup, as the spawner (root), before
 /// the clone: the child itself may no longer open these files once in its namespaces,
 /// and a cgroup file checks the credentials it was opened with.
@@ -291,6 +289,7 @@ fn open_cgroup(join: Option<&CgroupJoin>) -> Result<(Vec<OwnedFd>, Option<OwnedF
     }
 }
 
+/// An absolute path with no `..`, normalised (`.` and repeated `/` dropped).
 fn absolute(path: &Path, field: &'static str) -> Result<PathBuf, SandboxError> {
     let bad = || SandboxError::NotAbsolute {
         field,

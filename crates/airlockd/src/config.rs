@@ -126,6 +126,9 @@ pub struct Enforcement {
     pub waive: Vec<Layer>,
 }
 
+/// The most sandboxes of one language that may wait prepared.
+const MAX_PREPARED: u32 = 64;
+
 /// Where one language's runtime lives on the host.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -140,9 +143,24 @@ pub struct Runtime {
     /// starts a fresh interpreter. Default 1 for Python; R has no warm path yet (0).
     #[serde(default)]
     pub warm_pool: Option<u32>,
+    /// How many sandboxes of this language the daemon keeps built ahead of calls, each
+    /// running its runtime with its libraries loaded and waiting for a call (see
+    /// `airlockd::prepared`). Every call still gets a sandbox of its own that served no
+    /// one before; this only moves the build out of the call. 0 = off. Default 2 for
+    /// Python, 1 for R.
+    #[serde(default)]
+    pub prepared: Option<u32>,
 }
 
 impl Runtime {
+    /// The effective number of prepared sandboxes of `language` (the default when unset).
+    pub fn prepared(&self, language: Language) -> u32 {
+        self.prepared.unwrap_or(match language {
+            Language::Python => 2,
+            Language::R => 1,
+        })
+    }
+
     /// The effective warm pool size of `language` (the default when unset).
     pub fn warm_pool(&self, language: Language) -> u32 {
         self.warm_pool.unwrap_or(match language {
@@ -294,6 +312,12 @@ impl Config {
                 Language::Python => 1,
                 Language::R => 0,
             };
+            if rt.prepared(*lang) > MAX_PREPARED {
+                return Err(invalid(
+                    "runtimes.*.prepared",
+                    format!("for {lang} must be at most {MAX_PREPARED}: each is a running runtime holding memory"),
+                ));
+            }
             if rt.warm_pool(*lang) > max {
                 return Err(invalid(
                     "runtimes.*.warm_pool",

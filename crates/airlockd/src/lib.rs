@@ -13,6 +13,7 @@ pub mod config;
 pub mod enforcement;
 pub mod monitor;
 pub mod pool;
+pub mod prepared;
 pub mod runtime;
 pub mod server;
 pub mod session;

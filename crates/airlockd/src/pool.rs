@@ -58,11 +58,13 @@ impl WorkerPool {
     }
 
     /// The caller's worker now, if it has one or a uid is free (and nobody is queued).
-    pub fn try_acquire(&self, caller: &CallerKey) -> Option<Lease> {
-        self.take(caller, false)
+    /// A newly mapped caller gets the first free uid of `preferred` if any is free (the
+    /// uids with sandboxes prepared), else the lowest free uid.
+    pub fn try_acquire(&self, caller: &CallerKey, preferred: &BTreeSet<u32>) -> Option<Lease> {
+        self.take(caller, false, preferred)
     }
 
-    fn take(&self, caller: &CallerKey, queued: bool) -> Option<Lease> {
+    fn take(&self, caller: &CallerKey, queued: bool, preferred: &BTreeSet<u32>) -> Option<Lease> {
         let mut st = self.lock();
         if let Some((uid, n)) = st.held.get_mut(caller) {
             *n += 1;
@@ -71,14 +73,23 @@ impl WorkerPool {
         if !queued && st.waiting > 0 {
             return None;
         }
-        let uid = st.free.pop_first()?;
+        let uid = match preferred.iter().find(|u| st.free.contains(u)) {
+            Some(&u) => st.free.take(&u)?,
+            None => st.free.pop_first()?,
+        };
         st.held.insert(caller.clone(), (uid, 1));
         Some(self.lease(caller, uid))
     }
 
-    /// Waits up to `timeout` for a worker. None: every worker stayed busy.
-    pub async fn acquire(&self, caller: &CallerKey, timeout: Duration) -> Option<Lease> {
-        if let Some(lease) = self.try_acquire(caller) {
+    /// Waits up to `timeout` for a worker (see [`try_acquire`](Self::try_acquire) for
+    /// `preferred`). None: every worker stayed busy.
+    pub async fn acquire(
+        &self,
+        caller: &CallerKey,
+        timeout: Duration,
+        preferred: &BTreeSet<u32>,
+    ) -> Option<Lease> {
+        if let Some(lease) = self.try_acquire(caller, preferred) {
             return Some(lease);
         }
         let deadline = tokio::time::Instant::now() + timeout;
@@ -89,7 +100,7 @@ impl WorkerPool {
             let freed = self.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            if let Some(lease) = self.take(caller, true) {
+            if let Some(lease) = self.take(caller, true, preferred) {
                 return Some(lease);
             }
             if tokio::time::timeout_at(deadline, freed).await.is_err() {
@@ -164,6 +175,10 @@ impl Drop for Lease {
 mod tests {
     use super::*;
 
+    fn none() -> BTreeSet<u32> {
+        BTreeSet::new()
+    }
+
     fn key(role: &str) -> CallerKey {
         CallerKey {
             database: "db".into(),
@@ -174,42 +189,59 @@ mod tests {
     #[test]
     fn one_caller_shares_its_worker_and_others_never_do() {
         let pool = WorkerPool::new([10, 11]);
-        let a1 = pool.try_acquire(&key("a")).unwrap();
-        let a2 = pool.try_acquire(&key("a")).unwrap();
-        let b = pool.try_acquire(&key("b")).unwrap();
+        let a1 = pool.try_acquire(&key("a"), &none()).unwrap();
+        let a2 = pool.try_acquire(&key("a"), &none()).unwrap();
+        let b = pool.try_acquire(&key("b"), &none()).unwrap();
         assert_eq!(a1.uid, a2.uid);
         assert_ne!(a1.uid, b.uid);
         assert!(
-            pool.try_acquire(&key("c")).is_none(),
+            pool.try_acquire(&key("c"), &none()).is_none(),
             "two workers, three callers"
         );
         drop(a1);
-        assert!(pool.try_acquire(&key("c")).is_none(), "a still runs a call");
+        assert!(
+            pool.try_acquire(&key("c"), &none()).is_none(),
+            "a still runs a call"
+        );
         drop(a2);
-        let c = pool.try_acquire(&key("c")).unwrap();
+        let c = pool.try_acquire(&key("c"), &none()).unwrap();
         assert_ne!(c.uid, b.uid);
+    }
+
+    #[test]
+    fn a_new_caller_gets_a_preferred_free_uid_and_never_a_held_one() {
+        let pool = WorkerPool::new([10, 11, 12]);
+        let prefer: BTreeSet<u32> = [11, 12].into();
+        let a = pool.try_acquire(&key("a"), &prefer).unwrap();
+        assert_eq!(a.uid, 11, "the first free preferred uid");
+        // b prefers 11, held by a: it gets the lowest free uid instead.
+        let b = pool.try_acquire(&key("b"), &[11].into()).unwrap();
+        assert_eq!(b.uid, 10);
+        // An existing mapping wins over any preference.
+        let a2 = pool.try_acquire(&key("a"), &[12].into()).unwrap();
+        assert_eq!(a2.uid, 11);
     }
 
     #[test]
     fn the_same_role_in_another_database_is_another_caller() {
         let pool = WorkerPool::new([10, 11]);
-        let a = pool.try_acquire(&key("a")).unwrap();
+        let a = pool.try_acquire(&key("a"), &none()).unwrap();
         let other = CallerKey {
             database: "other".into(),
             role: "a".into(),
         };
-        let b = pool.try_acquire(&other).unwrap();
+        let b = pool.try_acquire(&other, &none()).unwrap();
         assert_ne!(a.uid, b.uid);
     }
 
     #[tokio::test(flavor = "current_thread", start_paused = true)]
     async fn a_newcomer_does_not_overtake_a_waiting_call() {
         let pool = WorkerPool::new([10]);
-        let held = pool.try_acquire(&key("a")).unwrap();
+        let held = pool.try_acquire(&key("a"), &none()).unwrap();
         let waiter = {
             let pool = pool.clone();
             tokio::spawn(async move {
-                pool.acquire(&key("b"), Duration::from_secs(10))
+                pool.acquire(&key("b"), Duration::from_secs(10), &none())
                     .await
                     .map(|l| l.uid)
             })
@@ -217,22 +249,22 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(1)).await;
         drop(held);
         // The uid is free, but b waits for it: c must not take it first.
-        assert!(pool.try_acquire(&key("c")).is_none());
+        assert!(pool.try_acquire(&key("c"), &none()).is_none());
         assert_eq!(waiter.await.unwrap(), Some(10));
     }
 
     #[tokio::test(flavor = "current_thread", start_paused = true)]
     async fn a_waiting_call_gets_the_first_freed_worker_or_times_out() {
         let pool = WorkerPool::new([10]);
-        let held = pool.try_acquire(&key("a")).unwrap();
+        let held = pool.try_acquire(&key("a"), &none()).unwrap();
         assert!(pool
-            .acquire(&key("b"), Duration::from_secs(1))
+            .acquire(&key("b"), Duration::from_secs(1), &none())
             .await
             .is_none());
         let waiter = {
             let pool = pool.clone();
             tokio::spawn(async move {
-                pool.acquire(&key("b"), Duration::from_secs(10))
+                pool.acquire(&key("b"), Duration::from_secs(10), &none())
                     .await
                     .map(|l| l.uid)
             })

@@ -7,7 +7,6 @@ use std::{
     future::Future,
     io,
     os::fd::{AsFd, AsRawFd, OwnedFd},
-    path::PathBuf,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
@@ -17,14 +16,14 @@ use std::{
 
 use crate::monitor::Monitor;
 use crate::pool::{CallerKey, Lease, WorkerPool};
+use crate::prepared::{self, Built, Prepared};
 use airlock_protocol::{
     control::{Language, Outcome, RefusalKind, Reply, Request},
     encode_control,
     spawner::ExitStatus,
     FrameDecoder, PROTOCOL_VERSION,
 };
-use airlock_sandbox::cgroup::{CallCgroup, CgroupLimits, CgroupRoot, CgroupStats};
-use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+use airlock_sandbox::cgroup::CgroupRoot;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{UnixListener, UnixStream},
@@ -35,8 +34,7 @@ use uuid::Uuid;
 use crate::{
     audit::{AuditLog, CallRecord},
     config::Config,
-    runtime::{self, CallSpec},
-    session::SessionDir,
+    runtime,
     spawner::SpawnerHandle,
     sys,
 };
@@ -53,6 +51,8 @@ pub struct Daemon {
     pub audit: AuditLog,
     /// Running calls and counters, for the monitoring views.
     pub monitor: Arc<Monitor>,
+    /// Sandboxes built ahead of their calls.
+    pub prepared: Prepared,
     next_call: AtomicU64,
 }
 
@@ -72,8 +72,32 @@ impl Daemon {
             pool,
             audit,
             monitor,
+            prepared: Prepared::default(),
             next_call: AtomicU64::new(1),
         }
+    }
+
+    /// A new call id: names a sandbox in the spawner's messages.
+    pub fn next_call_id(&self) -> u64 {
+        self.next_call.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Starts preparing sandboxes for the first worker uid (the one the pool hands out
+/// first), for each language that prepares any. A language with a warm path waits for
+/// its pre-initialised interpreter first (up to `WARM_WAIT`), so its prepared sandboxes
+/// are cloned from it rather than started cold.
+pub async fn start_preparing(daemon: Arc<Daemon>) {
+    const WARM_WAIT: Duration = Duration::from_secs(60);
+    let uid = daemon.config.workers.first_uid;
+    for (language, rt) in &daemon.config.runtimes {
+        if rt.prepared(*language) == 0 {
+            continue;
+        }
+        if rt.warm_pool(*language) > 0 && runtime::warm_spec(*language, rt).is_some() {
+            let _ = tokio::time::timeout(WARM_WAIT, daemon.spawner.warm_ready()).await;
+        }
+        prepared::refill(&daemon, *language, uid);
     }
 }
 
@@ -102,7 +126,7 @@ pub async fn serve(
                 };
                 let daemon = daemon.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = handle(stream, &daemon).await {
+                    if let Err(e) = handle(stream, daemon).await {
                         tracing::warn!(error = %e, "connection ended with an error");
                     }
                 });
@@ -123,35 +147,6 @@ const REPORT_WAIT: Duration = Duration::from_secs(60);
 /// the shim exits at once after `done`, so only a script that keeps the process alive
 /// meets this.
 const FINISHED_GRACE: Duration = Duration::from_secs(2);
-
-/// A call's cgroup; on drop its leftover processes are killed and it is removed, off the
-/// event loop (removal waits for the processes to go).
-struct CallGroup(Option<CallCgroup>);
-
-impl CallGroup {
-    fn stats(&self) -> Option<CgroupStats> {
-        let cg = self.0.as_ref()?;
-        match cg.stats() {
-            Ok(s) => Some(s),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the call's cgroup statistics");
-                None
-            }
-        }
-    }
-}
-
-impl Drop for CallGroup {
-    fn drop(&mut self) {
-        let Some(cg) = self.0.take() else { return };
-        let remove = move || {
-            if let Err(e) = cg.remove() {
-                tracing::error!(error = %e, "cannot remove the call's cgroup");
-            }
-        };
-        crate::off_event_loop(remove);
-    }
-}
 
 /// Errors on one connection.
 #[derive(Debug, thiserror::Error)]
@@ -220,7 +215,7 @@ impl Conn {
     }
 }
 
-async fn handle(stream: UnixStream, daemon: &Daemon) -> Result<(), ConnError> {
+async fn handle(stream: UnixStream, daemon: Arc<Daemon>) -> Result<(), ConnError> {
     // Authentication: the kernel tells us the peer's uid; no passwords exist.
     let cred = stream.peer_cred().map_err(ConnError::PeerCred)?;
     if !daemon.config.allowed_peer_uids.contains(&cred.uid()) {
@@ -285,34 +280,36 @@ async fn handle(stream: UnixStream, daemon: &Daemon) -> Result<(), ConnError> {
         Err(ConnError::Closed) => return Ok(()),
         Err(e) => return Err(e),
     };
-    execute(&mut conn, daemon, language, caller, script_sha256).await
+    execute(&mut conn, &daemon, language, caller, script_sha256).await
 }
 
 async fn execute(
     conn: &mut Conn,
-    daemon: &Daemon,
+    daemon: &Arc<Daemon>,
     language: Language,
     caller: airlock_protocol::control::Caller,
     script_sha256: String,
 ) -> Result<(), ConnError> {
     let config = &daemon.config;
-    let Some(rt) = config.runtimes.get(&language) else {
+    if !config.runtimes.contains_key(&language) {
         return conn
             .refuse(
                 RefusalKind::Language,
                 format!("airlockd has no runtime configured for {language}; add [runtimes.{language}] to its config"),
             )
             .await;
-    };
+    }
     let key = CallerKey {
         database: caller.database.clone(),
         role: caller.role.clone(),
     };
     let queue = Duration::from_secs_f64(config.workers.queue_timeout_seconds);
+    // A new caller gets a free uid with sandboxes prepared, if there is one.
+    let preferred = daemon.prepared.uids(language);
     // While queued, watch the backend: one that gave up (cancel, statement_timeout) must
     // not take a worker later, ahead of callers still waiting.
     let acquired = tokio::select! {
-        lease = daemon.pool.acquire(&key, queue) => lease,
+        lease = daemon.pool.acquire(&key, queue, &preferred) => lease,
         _ = conn.stream.readable() => {
             tracing::info!(role = %caller.role, "backend left while queued for a worker");
             return Ok(());
@@ -329,16 +326,18 @@ async fn execute(
             )
             .await;
     };
-    let call_id = daemon.next_call.fetch_add(1, Ordering::Relaxed);
-    let session_id = Uuid::new_v4();
-    let span = tracing::info_span!("call", %session_id, call_id, uid = worker.uid);
+    // The sandbox: one prepared for this worker uid, else built now. Either way one
+    // more is prepared behind it.
+    let taken = daemon.prepared.take(language, worker.uid);
+    prepared::refill(daemon, language, worker.uid);
+    let session_id = taken.as_ref().map_or_else(Uuid::new_v4, |b| b.session_id);
+    let span = tracing::info_span!("call", %session_id, uid = worker.uid);
     run_call(
         conn,
         daemon,
         language,
-        rt,
         worker,
-        call_id,
+        taken,
         session_id,
         caller,
         script_sha256,
@@ -352,16 +351,16 @@ async fn run_call(
     conn: &mut Conn,
     daemon: &Daemon,
     language: Language,
-    rt: &crate::config::Runtime,
     worker: Lease,
-    call_id: u64,
+    taken: Option<Built>,
     session_id: Uuid,
     caller: airlock_protocol::control::Caller,
     script_sha256: String,
 ) -> Result<(), ConnError> {
     let config = &daemon.config;
     tracing::info!(%language, database = %caller.database, role = %caller.role,
-        backend_pid = caller.backend_pid, script_sha256 = %script_sha256, "call started");
+        backend_pid = caller.backend_pid, script_sha256 = %script_sha256,
+        prepared = taken.is_some(), "call started");
     // Written when dropped, on every path: a call that returns before its sandbox ran
     // is recorded as a daemon error.
     let mut record = CallRecord::begin(
@@ -377,82 +376,32 @@ async fn run_call(
         .monitor
         .begin(session_id, &caller, language, worker.uid);
 
-    // The session folder: created here, removed when `session` drops, whatever happens.
-    // Where a call's time goes before its script runs (debug log): the profile of the
-    // trivial call in bench/RESULTS.md is read from these.
-    let t0 = std::time::Instant::now();
-    let session = match SessionDir::create(config, session_id, worker.uid) {
-        Ok(s) => s,
-        Err(e) => {
-            return conn
-                .refuse(
-                    RefusalKind::Sandbox,
-                    format!("cannot create session folder: {e}"),
-                )
-                .await;
-        }
+    let sandbox = match taken {
+        Some(b) => b,
+        None => match prepared::build(daemon, language, worker.uid, session_id).await {
+            Ok(b) => b,
+            Err(e) => return conn.refuse(RefusalKind::Sandbox, e.to_string()).await,
+        },
     };
-    let (backend_end, sandbox_end) = match socketpair(
-        AddressFamily::Unix,
-        SockType::Stream,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    ) {
-        Ok(p) => p,
-        Err(e) => {
-            return conn
-                .refuse(
-                    RefusalKind::Sandbox,
-                    format!("cannot create data socket: {e}"),
-                )
-                .await;
-        }
-    };
-    // The call's cgroup: memory, pids and CPU limits for every process of the call, and
-    // the accounting that tells a memory kill from a crash.
+    let Built {
+        call_id,
+        backend_end,
+        pid,
+        warm,
+        exited,
+        cgroup,
+        session,
+        build_us,
+        built_at,
+        ..
+    } = sandbox;
+    // CPU the runtime used while it was prepared (loading its libraries) is not the
+    // call's: its limit and its record count from here.
+    let cpu_before = cgroup
+        .as_ref()
+        .and_then(|c| c.stats())
+        .map_or(0, |s| s.cpu_usage_usec);
     let limits = &config.limits;
-    let t_session = t0.elapsed();
-    let cgroup = match &daemon.cgroups {
-        Some(root) => match root.create(
-            &format!("call-{session_id}"),
-            &CgroupLimits {
-                memory_bytes: limits.memory_mib * 1024 * 1024,
-                pids: limits.pids,
-                cpu_quota_percent: limits.cpu_percent,
-            },
-        ) {
-            Ok(cg) => Some(CallGroup(Some(cg))),
-            Err(e) => {
-                return conn
-                    .refuse(
-                        RefusalKind::Sandbox,
-                        format!("cannot create the call's cgroup: {e}"),
-                    )
-                    .await;
-            }
-        },
-        None => None,
-    };
-    let mut req = runtime::spawn_request(
-        config,
-        CallSpec {
-            call_id,
-            language,
-            runtime: rt,
-            uid: worker.uid,
-            gid: config.workers.gid,
-            session_dir: session.path().to_owned(),
-            session_target: PathBuf::from("/sessions").join(session_id.to_string()),
-        },
-    );
-    req.cgroup = cgroup.as_ref().and_then(|c| c.0.as_ref()).map(|c| c.join());
-    let t_cgroup = t0.elapsed();
-    let started = match daemon.spawner.spawn(req, sandbox_end).await {
-        Ok(s) => s,
-        Err(e) => {
-            return conn.refuse(RefusalKind::Sandbox, e.to_string()).await;
-        }
-    };
     let wall_limit_ms = config.limits.wall_clock_ms();
     let sent = conn
         .write_with_fd(
@@ -465,7 +414,7 @@ async fn run_call(
         )
         .await;
     drop(backend_end);
-    let mut exited = started.exited;
+    let mut exited = exited;
     if let Err(e) = sent {
         daemon.spawner.kill(call_id);
         let _ = exited.await;
@@ -474,11 +423,12 @@ async fn run_call(
     }
     let us = |d: Duration| d.as_micros() as u64;
     tracing::debug!(
-        pid = started.pid,
-        warm = started.warm,
-        session_folder_us = us(t_session),
-        cgroup_us = us(t_cgroup - t_session),
-        spawn_us = us(t0.elapsed() - t_cgroup),
+        pid,
+        warm,
+        prepared_ms = built_at.elapsed().as_millis() as u64,
+        session_folder_us = build_us[0],
+        cgroup_us = build_us[1],
+        spawn_us = build_us[2],
         "sandbox running"
     );
     let t_running = std::time::Instant::now();
@@ -542,9 +492,9 @@ async fn run_call(
             _ = cpu_tick.tick(), if cgroup.is_some() => {
                 let now = cgroup.as_ref().and_then(|c| c.stats());
                 if let Some(s) = &now {
-                    daemon.monitor.usage(session_id, s.cpu_usage_usec / 1000, s.memory_peak_bytes);
+                    daemon.monitor.usage(session_id, s.cpu_usage_usec.saturating_sub(cpu_before) / 1000, s.memory_peak_bytes);
                 }
-                let used = now.map(|s| s.cpu_usage_usec);
+                let used = now.map(|s| s.cpu_usage_usec.saturating_sub(cpu_before));
                 if used.is_some_and(|u| u >= cpu_limit_usec) {
                     daemon.spawner.kill(call_id);
                     let _ = (&mut exited).await;
@@ -555,7 +505,10 @@ async fn run_call(
         }
     };
     let run_us = us(t_running.elapsed());
-    let stats = cgroup.as_ref().and_then(|cg| cg.stats());
+    let stats = cgroup.as_ref().and_then(|cg| cg.stats()).map(|mut s| {
+        s.cpu_usage_usec = s.cpu_usage_usec.saturating_sub(cpu_before);
+        s
+    });
     if let Some(stats) = &stats {
         // A kill by the kernel's OOM killer looks like any SIGKILL from outside; the
         // cgroup's own count tells them apart.

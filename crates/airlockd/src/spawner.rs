@@ -22,7 +22,7 @@ use airlock_protocol::{
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use tokio::{
     io::unix::AsyncFd,
-    sync::{mpsc, oneshot},
+    sync::{mpsc, oneshot, watch},
 };
 
 use crate::sys;
@@ -102,6 +102,8 @@ enum Command_ {
 #[derive(Clone)]
 pub struct SpawnerHandle {
     tx: mpsc::UnboundedSender<Command_>,
+    /// How many times a pre-initialised interpreter reported ready.
+    warm: watch::Receiver<u64>,
 }
 
 impl SpawnerHandle {
@@ -115,13 +117,21 @@ impl SpawnerHandle {
         .map_err(io::Error::from)?;
         let afd = sys::async_fd(sock)?;
         let (tx, rx) = mpsc::unbounded_channel();
+        let (warm_tx, warm) = watch::channel(0);
         tokio::spawn(async move {
-            if let Err(e) = pump(afd, rx).await {
+            if let Err(e) = pump(afd, rx, warm_tx).await {
                 tracing::error!(error = %e, "lost the sandbox spawner");
             }
             on_gone();
         });
-        Ok(SpawnerHandle { tx })
+        Ok(SpawnerHandle { tx, warm })
+    }
+
+    /// Resolves once a pre-initialised interpreter has reported ready (at once if one
+    /// already has), or when the spawner is gone.
+    pub async fn warm_ready(&self) {
+        let mut warm = self.warm.clone();
+        let _ = warm.wait_for(|n| *n > 0).await;
     }
 
     /// Asks for a sandbox; `fd` becomes its fd 3.
@@ -167,6 +177,7 @@ struct Pending {
 async fn pump(
     afd: AsyncFd<OwnedFd>,
     mut rx: mpsc::UnboundedReceiver<Command_>,
+    warm: watch::Sender<u64>,
 ) -> Result<(), SpawnerError> {
     let mut calls: HashMap<u64, Pending> = HashMap::new();
     let mut dec = FrameDecoder::new();
@@ -213,14 +224,14 @@ async fn pump(
                 dec.extend(&buf[..n]);
                 while let Some(frame) = dec.next_frame().map_err(|e| SpawnerError::Spawn(e.to_string()))? {
                     let msg: FromSpawner = frame.control().map_err(|e| SpawnerError::Spawn(e.to_string()))?;
-                    dispatch(&mut calls, msg);
+                    dispatch(&mut calls, msg, &warm);
                 }
             }
         }
     }
 }
 
-fn dispatch(calls: &mut HashMap<u64, Pending>, msg: FromSpawner) {
+fn dispatch(calls: &mut HashMap<u64, Pending>, msg: FromSpawner, warm: &watch::Sender<u64>) {
     match msg {
         FromSpawner::Spawned { call_id, pid, warm } => {
             if let Some(p) = calls.get_mut(&call_id) {
@@ -245,7 +256,10 @@ fn dispatch(calls: &mut HashMap<u64, Pending>, msg: FromSpawner) {
             program,
             ready: true,
             detail,
-        } => tracing::info!(%program, %detail, "warm starts ready"),
+        } => {
+            tracing::info!(%program, %detail, "warm starts ready");
+            warm.send_modify(|n| *n += 1);
+        }
         FromSpawner::Warm {
             program,
             ready: false,
