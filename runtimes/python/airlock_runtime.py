@@ -117,17 +117,19 @@ def main():
 def run(chan):
     """The whole conversation; raises Failure for anything that ends in script_error."""
     try:
-        # Libraries first: a sandbox prepared ahead of its call imports them while it
-        # waits for the call's start.
+        # Libraries first: a sandbox prepared ahead of its call imports and warms them
+        # while it waits for the call's start.
         libs = import_libraries()
+        warm_up(libs)
+        forwarder = PrintForwarder(chan)
+        forwarder.open()
         start = read_start(chan)
         chunks = input_chunks(chan, start, libs)
         first = next(chunks)
     except (ProtocolError, InputError) as e:
         raise Failure("input", type(e).__name__, str(e), "", EXIT_INPUT) from None
 
-    forwarder = PrintForwarder(chan, start["max_print_bytes"])
-    forwarder.start()
+    forwarder.start(start["max_print_bytes"])
     code = compile_script(start)
     scope = new_scope(start, libs, loopback_module(chan, libs))
     rows = 0
@@ -350,6 +352,35 @@ def import_libraries():
         return Libraries()
     except Exception as e:
         raise InputError(f"the Python runtime cannot import its libraries: {e!r}") from None
+
+
+def warm_up(libs):
+    """Runs the conversions every call takes, once, on data of our own (never a call's),
+    before the call's start is read. pandas and pyarrow import more of themselves on
+    first use, and a process cloned from the warm path's interpreter copies each page it
+    first writes: done here, both happen while a prepared sandbox waits for its call
+    instead of during the call."""
+    pa = libs.pa
+    types = [("i", pa.int64(), "int8"), ("f", pa.float64(), "float8"), ("s", pa.string(), "text")]
+    schema = pa.schema(
+        [pa.field(n, t, metadata={TYPE_METADATA_KEY: pg.encode()}) for n, t, pg in types]
+    )
+    table = pa.table([pa.array([1, None]), pa.array([0.5, None]), pa.array(["a", None])], schema=schema)
+    frame = table_to_frame(table, libs)
+    # What scripts build most: a frame from a dict of Python lists.
+    libs.pd.DataFrame({"i": [1, 2], "f": [0.5, None], "s": ["a", None]})
+    start = {
+        "output_columns": [{"name": n, "type": pg} for n, _, pg in types],
+        "output_params": None,
+        "output_name": "out",
+        "output_batch_rows": 1024,
+    }
+    batches, _ = prepare_output({"out": frame}, start, libs)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batches[0].schema) as writer:
+        writer.write_batch(batches[0])
+    pa.ipc.open_stream(sink.getvalue()).read_all()
+    compile("out = None", "<warm-up>", "exec")
 
 
 def input_chunks(chan, start, libs):
@@ -750,9 +781,9 @@ class PrintForwarder:
     stops forwarding after `limit` bytes and counts what it drops.
     """
 
-    def __init__(self, chan, limit):
+    def __init__(self, chan):
         self.chan = chan
-        self.limit = limit
+        self.limit = 0
         self.lock = threading.Lock()
         self.pending = bytearray()
         self.forwarded = 0
@@ -763,17 +794,24 @@ class PrintForwarder:
         self.line_open = False
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self.read_fd = None
+        self.write_fd = None
         self.thread = None
         self.streams = []
 
-    def start(self):
-        read_fd, write_fd = os.pipe()
-        os.dup2(write_fd, 1)
-        os.dup2(write_fd, 2)
-        os.close(write_fd)
-        self.read_fd = read_fd
+    def open(self):
+        """The pipe and the thread, made before the call's start is read (a prepared
+        sandbox has them ready); nothing is written to the pipe until `start`."""
+        self.read_fd, self.write_fd = os.pipe()
         self.thread = threading.Thread(target=self._pump, name="airlock-print", daemon=True)
         self.thread.start()
+
+    def start(self, limit):
+        """fds 1 and 2 and sys.stdout/sys.stderr into the pipe; forwards up to `limit`
+        bytes."""
+        self.limit = limit
+        os.dup2(self.write_fd, 1)
+        os.dup2(self.write_fd, 2)
+        os.close(self.write_fd)
         sys.stdout = self._stream(1)
         sys.stderr = self._stream(2)
         self.streams = [sys.stdout, sys.stderr]

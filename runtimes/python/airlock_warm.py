@@ -22,6 +22,7 @@ sandbox inits' parent, so it reaps them and reports how each ended.
 """
 
 import ctypes
+import gc
 import json
 import os
 import select
@@ -56,6 +57,9 @@ def main():
     spawn_in_place = load_library()
     libs = airlock_runtime.import_libraries()
     warm_up(libs)
+    # Everything imported so far stays for the zygote's life: the collector never
+    # traverses it again, so clones do not copy its pages just to collect.
+    gc.freeze()
     check_single_threaded()
     sock = socket.socket(fileno=SPAWNER_FD)
     send(sock, {"type": "ready", "pid": os.getpid()})

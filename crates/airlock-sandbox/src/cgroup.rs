@@ -696,6 +696,7 @@ impl CallCgroup {
     /// Reads the group's accounting. Valid after its processes exited, until `remove`.
     pub fn stats(&self) -> Result<CgroupStats, CgroupError> {
         let d = &self.dirs;
+        let cpu_usage_usec = self.cpu_usage_usec()?;
         match self.version {
             CgroupVersion::V2 => {
                 let peak = d.memory.join("memory.peak");
@@ -707,7 +708,7 @@ impl CallCgroup {
                 let cpu_stat = d.cpu.join("cpu.stat");
                 Ok(CgroupStats {
                     memory_peak_bytes,
-                    cpu_usage_usec: read_key(&cpu_stat, "usage_usec")?,
+                    cpu_usage_usec,
                     // Present only while the cpu controller is enabled, which it is.
                     cpu_throttled_periods: read_key(&cpu_stat, "nr_throttled")?,
                     oom_killed: read_key(&d.memory.join("memory.events"), "oom_kill")? > 0,
@@ -716,12 +717,21 @@ impl CallCgroup {
             }
             CgroupVersion::V1 => Ok(CgroupStats {
                 memory_peak_bytes: read_u64(&d.memory.join("memory.max_usage_in_bytes"))?,
-                cpu_usage_usec: read_u64(&d.cpuacct.join("cpuacct.usage"))? / 1000,
+                cpu_usage_usec,
                 cpu_throttled_periods: read_key(&d.cpu.join("cpu.stat"), "nr_throttled")?,
                 // Linux 4.13+; counts kills by the group's own OOM, not by the host's.
                 oom_killed: read_key(&d.memory.join("memory.oom_control"), "oom_kill")? > 0,
                 pids_limit_hit: read_key(&d.pids.join("pids.events"), "max")? > 0,
             }),
+        }
+    }
+
+    /// CPU time used so far by every process that was in the group, user and system
+    /// (one file; [`stats`](Self::stats) reads five).
+    pub fn cpu_usage_usec(&self) -> Result<u64, CgroupError> {
+        match self.version {
+            CgroupVersion::V2 => read_key(&self.dirs.cpu.join("cpu.stat"), "usage_usec"),
+            CgroupVersion::V1 => Ok(read_u64(&self.dirs.cpuacct.join("cpuacct.usage"))? / 1000),
         }
     }
 

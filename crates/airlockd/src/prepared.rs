@@ -40,6 +40,17 @@ use crate::{
 pub struct CallGroup(Option<CallCgroup>);
 
 impl CallGroup {
+    /// CPU time used so far, or None if it cannot be read (logged).
+    pub fn cpu_usage_usec(&self) -> Option<u64> {
+        match self.0.as_ref()?.cpu_usage_usec() {
+            Ok(u) => Some(u),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the call's CPU time");
+                None
+            }
+        }
+    }
+
     pub fn stats(&self) -> Option<CgroupStats> {
         let cg = self.0.as_ref()?;
         match cg.stats() {

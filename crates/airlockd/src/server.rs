@@ -395,12 +395,6 @@ async fn run_call(
         built_at,
         ..
     } = sandbox;
-    // CPU the runtime used while it was prepared (loading its libraries) is not the
-    // call's: its limit and its record count from here.
-    let cpu_before = cgroup
-        .as_ref()
-        .and_then(|c| c.stats())
-        .map_or(0, |s| s.cpu_usage_usec);
     let limits = &config.limits;
     let wall_limit_ms = config.limits.wall_clock_ms();
     let sent = conn
@@ -414,6 +408,13 @@ async fn run_call(
         )
         .await;
     drop(backend_end);
+    // CPU the runtime used while it was prepared (loading its libraries) is not the
+    // call's: its limit and its record count from here. Read after the hand-over, to
+    // keep it off the call's path; the runtime idled in between.
+    let cpu_before = cgroup
+        .as_ref()
+        .and_then(|c| c.cpu_usage_usec())
+        .unwrap_or(0);
     let mut exited = exited;
     if let Err(e) = sent {
         daemon.spawner.kill(call_id);
