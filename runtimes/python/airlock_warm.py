@@ -57,6 +57,9 @@ def main():
     spawn_in_place = load_library()
     libs = airlock_runtime.import_libraries()
     warm_up(libs)
+    # The shim's own warm-up too (single-threaded): what it initialises on first use
+    # (Arrow's cast table, pandas' constructors) is then shared by every clone.
+    airlock_runtime.warm_up(libs)
     # Everything imported so far stays for the zygote's life: the collector never
     # traverses it again, so clones do not copy its pages just to collect.
     gc.freeze()

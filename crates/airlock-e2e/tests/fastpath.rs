@@ -475,6 +475,56 @@ fn sandbox_inits() -> Vec<i32> {
         .collect()
 }
 
+/// Stopping the daemon (SIGTERM) kills its prepared sandboxes and removes their session
+/// folders (tmpfs mounts) and cgroups: nothing of them outlives it.
+fn stopping_the_daemon_removes_its_prepared_sandboxes() -> TestResult {
+    let daemon = Daemon::start(settings(FIRST_UID + 200));
+    let sessions = daemon.sessions_dir();
+    let mounted = || {
+        fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(sessions.to_string_lossy().as_ref()))
+            .count()
+    };
+    let first = FIRST_UID + 200;
+    let workers_running = || {
+        fs::read_dir("/proc").map_or(0, |d| {
+            d.flatten()
+                .filter(|e| {
+                    fs::read_to_string(e.path().join("status")).is_ok_and(|st| {
+                        st.lines()
+                            .find_map(|l| l.strip_prefix("Uid:"))
+                            .and_then(|v| v.split_whitespace().next()?.parse::<u32>().ok())
+                            .is_some_and(|u| (first..first + WORKERS).contains(&u))
+                    })
+                })
+                .count()
+        })
+    };
+    // Two Python and one R sandbox are prepared for the first worker uid.
+    let prepared = eventually(Duration::from_secs(60), || {
+        workers_running() >= 3 && mounted() >= 3
+    });
+    let before = (workers_running(), mounted());
+    daemon.stop();
+    ensure(
+        prepared,
+        format!("the daemon never prepared its sandboxes (processes, mounts): {before:?}"),
+    )?;
+    ensure(
+        mounted() == 0,
+        format!("{} session mounts outlived the daemon", mounted()),
+    )?;
+    ensure(
+        eventually(Duration::from_secs(5), || workers_running() == 0),
+        format!(
+            "{} processes of the worker uids outlived the daemon",
+            workers_running()
+        ),
+    )
+}
+
 fn find_zygote(daemon_pid: u32) -> Option<i32> {
     let ppid = |pid: i32| -> Option<i32> {
         let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -544,6 +594,7 @@ fn main() {
         warm_pool_zero_turns_it_off,
         calls_take_sandboxes_prepared_ahead,
         a_prepared_sandbox_killed_while_waiting_is_never_used,
+        stopping_the_daemon_removes_its_prepared_sandboxes,
     ];
     let mut args = args;
     args.test_threads = Some(1);

@@ -116,7 +116,8 @@ fn main() -> anyhow::Result<()> {
                     _ = spawner_gone.notified() => {}
                 }
             };
-            server::serve(listener, daemon, shutdown).await;
+            server::serve(listener, daemon.clone(), shutdown).await;
+            airlockd::prepared::discard_all(&daemon).await;
             let _ = std::fs::remove_file(&config.socket_path);
             anyhow::Ok(())
         }

@@ -63,6 +63,17 @@ impl CallGroup {
     }
 }
 
+impl CallGroup {
+    /// Removes the group here and now (see [`discard_all`]).
+    fn remove_now(mut self) {
+        if let Some(cg) = self.0.take() {
+            if let Err(e) = cg.remove() {
+                tracing::error!(error = %e, "cannot remove the call's cgroup");
+            }
+        }
+    }
+}
+
 impl Drop for CallGroup {
     fn drop(&mut self) {
         let Some(cg) = self.0.take() else { return };
@@ -214,6 +225,8 @@ struct State {
     /// Oldest first.
     parked: VecDeque<Built>,
     building: HashMap<(Language, u32), usize>,
+    /// The daemon is stopping: nothing more is prepared or parked.
+    closed: bool,
 }
 
 impl State {
@@ -292,7 +305,7 @@ impl Prepared {
     /// every slot is a build under way, nothing is reserved.
     fn claim(&self, language: Language, uid: u32, cap: usize) -> Option<Vec<Built>> {
         let mut st = self.lock();
-        if st.parked(language, Some(uid)) + st.building(language, Some(uid)) >= cap {
+        if st.closed || st.parked(language, Some(uid)) + st.building(language, Some(uid)) >= cap {
             return None;
         }
         let mut evicted = Vec::new();
@@ -307,8 +320,9 @@ impl Prepared {
         Some(evicted)
     }
 
-    /// Ends a build reserved by [`claim`](Self::claim), parking what it built.
-    fn finish(&self, language: Language, uid: u32, built: Option<Built>) {
+    /// Ends a build reserved by [`claim`](Self::claim), parking what it built; once
+    /// closed, hands it back to be discarded.
+    fn finish(&self, language: Language, uid: u32, built: Option<Built>) -> Option<Built> {
         let mut st = self.lock();
         if let Some(n) = st.building.get_mut(&(language, uid)) {
             *n -= 1;
@@ -316,11 +330,19 @@ impl Prepared {
                 st.building.remove(&(language, uid));
             }
         }
+        if st.closed {
+            return built;
+        }
         st.parked.extend(built);
+        None
     }
 
-    /// Every waiting sandbox, removed (daemon shutdown).
-    pub fn drain(&self) -> Vec<Built> {
+    fn close(&self) {
+        self.lock().closed = true;
+    }
+
+    /// Every waiting sandbox, removed from the store.
+    fn drain(&self) -> Vec<Built> {
         self.lock().parked.drain(..).collect()
     }
 }
@@ -344,21 +366,55 @@ pub fn refill(daemon: &Arc<Daemon>, language: Language, uid: u32) {
             discard(&daemon, b).await;
         }
         match build(&daemon, language, uid, Uuid::new_v4()).await {
-            Ok(b) => {
-                daemon.prepared.finish(language, uid, Some(b));
-                refill(&daemon, language, uid);
-            }
+            Ok(b) => match daemon.prepared.finish(language, uid, Some(b)) {
+                None => refill(&daemon, language, uid),
+                Some(late) => discard(&daemon, late).await,
+            },
             Err(e) => {
-                daemon.prepared.finish(language, uid, None);
+                let _ = daemon.prepared.finish(language, uid, None);
                 tracing::warn!(%language, uid, error = %e, "cannot prepare a sandbox");
             }
         }
     });
 }
 
-/// Kills a waiting sandbox and waits for its exit, then removes its cgroup and folder.
+/// Kills a waiting sandbox, waits for its exit, and removes its cgroup and session
+/// folder before returning.
 pub async fn discard(daemon: &Daemon, b: Built) {
     let mut b = b;
     daemon.spawner.kill(b.call_id);
     let _ = (&mut b.exited).await;
+    let Built {
+        cgroup, session, ..
+    } = b;
+    let _ = tokio::task::spawn_blocking(move || {
+        if let Some(cg) = cgroup {
+            cg.remove_now();
+        }
+        session.remove_now();
+    })
+    .await;
+}
+
+/// At shutdown: no more sandboxes are prepared; every waiting one, and every one still
+/// being built (waited for up to `BUILDS_WAIT`), is killed and its cgroup and session
+/// folder removed before this returns. (Left to drops, the removal would go to a
+/// blocking pool that is shutting down, leaving mounts and groups behind.)
+pub async fn discard_all(daemon: &Daemon) {
+    const BUILDS_WAIT: Duration = Duration::from_secs(10);
+    let deadline = Instant::now() + BUILDS_WAIT;
+    daemon.prepared.close();
+    loop {
+        let waiting = daemon.prepared.drain();
+        for b in &waiting {
+            daemon.spawner.kill(b.call_id);
+        }
+        for b in waiting {
+            discard(daemon, b).await;
+        }
+        if daemon.prepared.lock().building.is_empty() || Instant::now() > deadline {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

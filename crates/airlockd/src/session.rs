@@ -126,19 +126,29 @@ impl SessionDir {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Unmounts and removes the folder here and now, instead of on the blocking pool
+    /// as a drop does.
+    pub fn remove_now(mut self) {
+        remove(std::mem::take(&mut self.path));
+    }
+}
+
+fn remove(path: PathBuf) {
+    unmount(&path);
+    if let Err(e) = remove_tree(&path) {
+        tracing::error!(path = %path.display(), error = %e, "cannot remove session folder");
+    }
 }
 
 impl Drop for SessionDir {
     fn drop(&mut self) {
         let path = std::mem::take(&mut self.path);
-        let remove = move || {
-            unmount(&path);
-            if let Err(e) = remove_tree(&path) {
-                tracing::error!(path = %path.display(), error = %e, "cannot remove session folder");
-            }
-        };
+        if path.as_os_str().is_empty() {
+            return; // removed by remove_now
+        }
         // A script may leave many files.
-        crate::off_event_loop(remove);
+        crate::off_event_loop(move || remove(path));
     }
 }
 
