@@ -296,19 +296,27 @@ fn timeout_of_a_warm_call_is_reported() -> TestResult {
     ensure(out == ["True"], format!("after a timeout: {out:?}"))
 }
 
-/// A dead zygote costs no call: the next call starts cold with the same sandbox, and
-/// the daemon brings the warm path back.
+/// Dead zygotes cost no call: the next call starts cold with the same sandbox, and the
+/// daemon brings the warm path back.
 fn a_killed_interpreter_falls_back_to_cold_then_recovers() -> TestResult {
     let daemon = &env().daemon;
-    let zygote = find_zygote(daemon.pid()).ok_or("no zygote process under the daemon")?;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(zygote),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .map_err(|e| format!("kill: {e}"))?;
+    let zygotes = find_zygotes(daemon.pid());
+    ensure(
+        zygotes.len() == 2,
+        format!("expected the default two zygotes under the daemon, found {zygotes:?}"),
+    )?;
+    let before = daemon.log().matches("warm starts unavailable").count();
+    for zygote in zygotes {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(zygote),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .map_err(|e| format!("kill: {e}"))?;
+    }
+    // Each zygote's death is logged once the spawner has seen it.
     ensure(
         eventually(Duration::from_secs(10), || {
-            daemon.log().contains("warm starts unavailable")
+            daemon.log().matches("warm starts unavailable").count() >= before + 2
         }),
         "the daemon did not notice",
     )?;
@@ -525,18 +533,24 @@ fn stopping_the_daemon_removes_its_prepared_sandboxes() -> TestResult {
     )
 }
 
-fn find_zygote(daemon_pid: u32) -> Option<i32> {
+/// The zygotes under the daemon (children of its spawner).
+fn find_zygotes(daemon_pid: u32) -> Vec<i32> {
     let ppid = |pid: i32| -> Option<i32> {
         let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
         stat.rsplit_once(") ")?.1.split(' ').nth(1)?.parse().ok()
     };
-    fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
-        let cmd = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-        let is_zygote = String::from_utf8_lossy(&cmd).contains("airlock_warm.py");
-        let spawner = ppid(pid)?;
-        (is_zygote && ppid(spawner)? == daemon_pid as i32).then_some(pid)
-    })
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let cmd = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let is_zygote = String::from_utf8_lossy(&cmd).contains("airlock_warm.py");
+            let spawner = ppid(pid)?;
+            (is_zygote && ppid(spawner)? == daemon_pid as i32).then_some(pid)
+        })
+        .collect()
 }
 
 fn settings(first_uid: u32) -> DaemonSettings {

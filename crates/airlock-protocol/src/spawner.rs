@@ -77,6 +77,14 @@ pub enum CgroupJoin {
 pub struct WarmSpec {
     pub argv: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// How many zygotes of this spec to keep: each clones one sandbox at a time, so
+    /// more build more sandboxes at once.
+    #[serde(default = "one")]
+    pub count: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// Daemon → spawner.

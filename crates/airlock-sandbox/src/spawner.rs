@@ -112,12 +112,21 @@ impl Zygote {
     }
 }
 
+/// A call handed to a zygote, waiting for its `spawned` (or `spawn_failed`).
+struct Pending {
+    call_id: u64,
+    zygote: u32,
+    program: String,
+    deadline: Instant,
+}
+
 #[derive(Default)]
 struct State {
     live: Vec<(u64, Live)>,
     zygotes: Vec<Zygote>,
-    /// When each spec was last started, for the restart backoff.
-    started: Vec<(WarmSpec, Instant)>,
+    pending: Vec<Pending>,
+    /// When a zygote of each spec last stopped, for the restart backoff.
+    stopped: Vec<(WarmSpec, Instant)>,
     next_zygote: u32,
 }
 
@@ -147,7 +156,16 @@ fn serve(sock: BorrowedFd<'_>, state: &mut State) -> Result<(), SandboxError> {
                 fds.push(PollFd::new(z.pidfd.as_fd(), PollFlags::POLLIN));
                 what.push(Ready::ZygoteExited(z.id));
             }
-            match poll(&mut fds, PollTimeout::NONE) {
+            // Until the first zygote answer is due.
+            let timeout = state
+                .pending
+                .iter()
+                .map(|p| p.deadline.saturating_duration_since(Instant::now()))
+                .min()
+                .map_or(PollTimeout::NONE, |left| {
+                    PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX)
+                });
+            match poll(&mut fds, timeout) {
                 Ok(_) => {}
                 Err(Errno::EINTR) => continue,
                 Err(e) => return Err(SandboxError::Poll(e)),
@@ -159,6 +177,16 @@ fn serve(sock: BorrowedFd<'_>, state: &mut State) -> Result<(), SandboxError> {
                 .map(|(_, w)| w)
                 .collect::<Vec<_>>()
         };
+        let now = Instant::now();
+        let late: Vec<u32> = state
+            .pending
+            .iter()
+            .filter(|p| p.deadline <= now)
+            .map(|p| p.zygote)
+            .collect();
+        for id in late {
+            stop_zygote(sock, state, id, "it did not answer within 10 s")?;
+        }
         let mut exited_cold: Vec<usize> = Vec::new();
         let mut daemon_ready = false;
         for r in ready {
@@ -186,11 +214,7 @@ fn serve(sock: BorrowedFd<'_>, state: &mut State) -> Result<(), SandboxError> {
             match recv_message::<ToSpawner>(sock, &mut buf)? {
                 None => return Ok(()),
                 Some((ToSpawner::Spawn(req), fds)) => handle_spawn(sock, state, *req, fds)?,
-                Some((ToSpawner::Prepare(spec), _)) => {
-                    if !state.zygotes.iter().any(|z| z.spec == spec) {
-                        start_zygote(sock, state, &spec)?;
-                    }
-                }
+                Some((ToSpawner::Prepare(spec), _)) => start_zygotes(sock, state, &spec)?,
                 Some((ToSpawner::Kill { call_id }, _)) => {
                     // An unknown call has already exited; its Exited is sent or on its way.
                     if let Some((_, live)) = state.live.iter().find(|(id, _)| *id == call_id) {
@@ -225,15 +249,8 @@ fn handle_spawn(
             None => WarmOutcome::Unavailable,
         };
         match warm {
-            WarmOutcome::Started { pid, live } => {
-                state.live.push((call_id, live));
-                FromSpawner::Spawned {
-                    call_id,
-                    pid,
-                    warm: true,
-                }
-            }
-            WarmOutcome::Failed(error) => refuse(error),
+            // The zygote's answer is the reply (see `zygote_message`).
+            WarmOutcome::Handed => return Ok(()),
             // Nothing reached a zygote: the call starts cold, with the same sandbox.
             WarmOutcome::Unavailable => match spawn(&req, data) {
                 Ok(sandbox) => {
@@ -254,18 +271,14 @@ fn handle_spawn(
 }
 
 enum WarmOutcome {
-    Started {
-        pid: i32,
-        live: Live,
-    },
-    /// The data socket went to a zygote and the call cannot be started: a clear error,
-    /// never a second sandbox on the same socket.
-    Failed(String),
+    /// The call (and its data socket) went to a zygote, which answers later.
+    Handed,
     /// No zygote is ready (or the request never reached it): start cold.
     Unavailable,
 }
 
-/// Hands the call to the ready zygote of `spec` and waits (bounded) for its answer.
+/// Hands the call to a ready zygote of `spec`, the one with the fewest calls waiting on
+/// it; it answers `spawned` or `spawn_failed` later, within `WARM_SPAWN_TIMEOUT`.
 fn warm_spawn(
     sock: BorrowedFd<'_>,
     state: &mut State,
@@ -273,111 +286,98 @@ fn warm_spawn(
     req: &SpawnRequest,
     data: BorrowedFd<'_>,
 ) -> Result<WarmOutcome, SandboxError> {
-    let Some(zygote) = state.zygotes.iter().find(|z| z.spec == *spec) else {
-        start_zygote(sock, state, spec)?;
+    start_zygotes(sock, state, spec)?;
+    let waiting = |id: u32| state.pending.iter().filter(|p| p.zygote == id).count();
+    let Some(id) = state
+        .zygotes
+        .iter()
+        .filter(|z| z.spec == *spec && z.ready)
+        .min_by_key(|z| (waiting(z.id), z.id))
+        .map(|z| z.id)
+    else {
         return Ok(WarmOutcome::Unavailable);
     };
-    if !zygote.ready {
+    let Some(zygote) = state.zygotes.iter().find(|z| z.id == id) else {
         return Ok(WarmOutcome::Unavailable);
-    }
-    let id = zygote.id;
+    };
     let forwarded = ToSpawner::Spawn(Box::new(req.clone()));
     if let Err(e) = send_message(zygote.sock.as_fd(), &forwarded, Some(data)) {
         // sendmsg failed: the fd did not travel.
         stop_zygote(sock, state, id, &format!("sending it a call failed: {e}"))?;
         return Ok(WarmOutcome::Unavailable);
     }
-    let deadline = Instant::now() + WARM_SPAWN_TIMEOUT;
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let Some(zygote) = state.zygotes.iter().find(|z| z.id == id) else {
-            return Ok(WarmOutcome::Failed(lost_warm(req)));
-        };
-        let left = deadline.saturating_duration_since(Instant::now());
-        let mut fds = [PollFd::new(zygote.sock.as_fd(), PollFlags::POLLIN)];
-        let timeout = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
-        match poll(&mut fds, timeout) {
-            Ok(0) => {
-                stop_zygote(sock, state, id, "it did not answer within 10 s")?;
-                return Ok(WarmOutcome::Failed(lost_warm(req)));
-            }
-            Ok(_) => {}
-            Err(Errno::EINTR) => continue,
-            Err(e) => return Err(SandboxError::Poll(e)),
-        }
-        let message = recv_message::<FromZygote>(zygote.sock.as_fd(), &mut buf);
-        match message {
-            Ok(Some((FromZygote::Spawned { call_id, pid }, mut fds)))
-                if call_id == req.call_id && fds.len() == 1 =>
-            {
-                let pidfd = fds.remove(0);
-                let live = Live::Warm { pidfd, zygote: id };
-                return Ok(WarmOutcome::Started { pid, live });
-            }
-            Ok(Some((FromZygote::SpawnFailed { call_id, error }, _))) if call_id == req.call_id => {
-                return Ok(WarmOutcome::Failed(error));
-            }
-            Ok(Some((FromZygote::Exited { call_id, status }, _))) => {
-                warm_exited(sock, state, call_id, status)?;
-            }
-            Ok(Some((other, _))) => {
-                let detail = format!("it sent {other:?} while starting call {}", req.call_id);
-                stop_zygote(sock, state, id, &detail)?;
-                return Ok(WarmOutcome::Failed(lost_warm(req)));
-            }
-            Ok(None) => {
-                stop_zygote(sock, state, id, "it closed its socket")?;
-                return Ok(WarmOutcome::Failed(lost_warm(req)));
-            }
-            Err(e) => {
-                stop_zygote(sock, state, id, &e.to_string())?;
-                return Ok(WarmOutcome::Failed(lost_warm(req)));
-            }
-        }
-    }
+    state.pending.push(Pending {
+        call_id: req.call_id,
+        zygote: id,
+        program: spec.argv.last().cloned().unwrap_or_default(),
+        deadline: Instant::now() + WARM_SPAWN_TIMEOUT,
+    });
+    Ok(WarmOutcome::Handed)
 }
 
-fn lost_warm(req: &SpawnRequest) -> String {
-    let program = req
-        .warm
-        .as_ref()
-        .and_then(|w| w.argv.last())
-        .cloned()
-        .unwrap_or_default();
+fn lost_warm(program: &str) -> String {
     format!(
         "the pre-initialised interpreter ({program}) stopped while starting this call's \
          sandbox; the next call starts a new one (see airlockd's log)"
     )
 }
 
-/// A message a zygote sent outside a spawn: only exits are expected.
+/// A message from a zygote: ready, the answer to a call handed to it, or an exit.
 fn zygote_message(sock: BorrowedFd<'_>, state: &mut State, id: u32) -> Result<(), String> {
     let Some(zygote) = state.zygotes.iter_mut().find(|z| z.id == id) else {
         return Ok(());
     };
     let mut buf = vec![0u8; 64 * 1024];
-    match recv_message::<FromZygote>(zygote.sock.as_fd(), &mut buf) {
+    let message = recv_message::<FromZygote>(zygote.sock.as_fd(), &mut buf);
+    let reply = match message {
         Ok(Some((FromZygote::Ready { pid }, _))) if !zygote.ready => {
             zygote.ready = true;
-            let program = zygote.spec.argv.last().cloned().unwrap_or_default();
-            let detail = format!("pid {pid}, libraries imported");
-            send_message(
-                sock,
-                &FromSpawner::Warm {
-                    program,
-                    ready: true,
-                    detail,
-                },
-                None,
-            )
-            .map_err(|e| e.to_string())
+            FromSpawner::Warm {
+                program: zygote.spec.argv.last().cloned().unwrap_or_default(),
+                ready: true,
+                detail: format!("pid {pid}, libraries imported"),
+            }
+        }
+        Ok(Some((FromZygote::Spawned { call_id, pid }, mut fds))) if fds.len() == 1 => {
+            take_pending(state, id, call_id)?;
+            let pidfd = fds.remove(0);
+            // Tracked before replying, so a failed reply still gets it killed.
+            state.live.push((call_id, Live::Warm { pidfd, zygote: id }));
+            FromSpawner::Spawned {
+                call_id,
+                pid,
+                warm: true,
+            }
+        }
+        Ok(Some((FromZygote::SpawnFailed { call_id, error }, _))) => {
+            take_pending(state, id, call_id)?;
+            FromSpawner::SpawnFailed { call_id, error }
         }
         Ok(Some((FromZygote::Exited { call_id, status }, _))) => {
-            warm_exited(sock, state, call_id, status).map_err(|e| e.to_string())
+            return warm_exited(sock, state, call_id, status).map_err(|e| e.to_string());
         }
-        Ok(Some((other, _))) => Err(format!("it sent {other:?} unasked")),
-        Ok(None) => Err("it closed its socket".into()),
-        Err(e) => Err(e.to_string()),
+        Ok(Some((other, _))) => return Err(format!("it sent {other:?} unasked")),
+        Ok(None) => return Err("it closed its socket".into()),
+        Err(e) => return Err(e.to_string()),
+    };
+    send_message(sock, &reply, None).map_err(|e| e.to_string())
+}
+
+/// Removes the call `call_id` handed to zygote `id` from the waiting list; an answer
+/// about any other call is the zygote's error.
+fn take_pending(state: &mut State, id: u32, call_id: u64) -> Result<(), String> {
+    match state
+        .pending
+        .iter()
+        .position(|p| p.call_id == call_id && p.zygote == id)
+    {
+        Some(i) => {
+            state.pending.swap_remove(i);
+            Ok(())
+        }
+        None => Err(format!(
+            "it answered for call {call_id}, which it was not given"
+        )),
     }
 }
 
@@ -412,6 +412,19 @@ fn stop_zygote(
     let zygote = state.zygotes.swap_remove(i);
     zygote.kill();
     let _ = waitid(Id::PIDFd(zygote.pidfd.as_fd()), WaitPidFlag::WEXITED);
+    state.stopped.retain(|(s, _)| *s != zygote.spec);
+    state.stopped.push((zygote.spec.clone(), Instant::now()));
+    // Calls handed to it and not yet started fail: their data sockets went with it.
+    let (lost, kept): (Vec<Pending>, Vec<Pending>) =
+        state.pending.drain(..).partition(|p| p.zygote == id);
+    state.pending = kept;
+    for p in lost {
+        let reply = FromSpawner::SpawnFailed {
+            call_id: p.call_id,
+            error: lost_warm(&p.program),
+        };
+        send_message(sock, &reply, None)?;
+    }
     let orphans: Vec<u64> = state
         .live
         .iter()
@@ -441,48 +454,51 @@ fn stop_zygote(
     )
 }
 
-/// Starts the zygote of `spec` (unless one was started within the backoff), with its
-/// socket as fd 3 and a sealed in-memory copy of the sandbox library as fd 4. It
-/// reports `Ready` when its libraries are imported; until then calls start cold.
-fn start_zygote(
+/// Starts zygotes of `spec` until it has `spec.count` (none within the backoff after
+/// one stopped), each with its socket as fd 3 and a sealed in-memory copy of the
+/// sandbox library as fd 4. Each reports `Ready` when its libraries are imported; until
+/// one is, calls start cold.
+fn start_zygotes(
     sock: BorrowedFd<'_>,
     state: &mut State,
     spec: &WarmSpec,
 ) -> Result<(), SandboxError> {
     let now = Instant::now();
-    if let Some((_, at)) = state.started.iter().find(|(s, _)| s == spec) {
+    if let Some((_, at)) = state.stopped.iter().find(|(s, _)| s == spec) {
         if now.duration_since(*at) < WARM_RESTART_BACKOFF {
             return Ok(());
         }
     }
-    state.started.retain(|(s, _)| s != spec);
-    state.started.push((spec.clone(), now));
     let program = spec.argv.last().cloned().unwrap_or_default();
-    match launch_zygote(spec) {
-        Ok((pidfd, zsock)) => {
-            state.next_zygote += 1;
-            state.zygotes.push(Zygote {
-                id: state.next_zygote,
-                spec: spec.clone(),
-                pidfd,
-                sock: zsock,
-                ready: false,
-            });
-            Ok(())
-        }
-        Err(detail) => {
-            let detail = format!("not started: {detail}; calls start cold");
-            send_message(
-                sock,
-                &FromSpawner::Warm {
-                    program,
+    while state.zygotes.iter().filter(|z| z.spec == *spec).count() < spec.count as usize {
+        match launch_zygote(spec) {
+            Ok((pidfd, zsock)) => {
+                state.next_zygote += 1;
+                state.zygotes.push(Zygote {
+                    id: state.next_zygote,
+                    spec: spec.clone(),
+                    pidfd,
+                    sock: zsock,
                     ready: false,
-                    detail,
-                },
-                None,
-            )
+                });
+            }
+            Err(detail) => {
+                state.stopped.retain(|(s, _)| s != spec);
+                state.stopped.push((spec.clone(), now));
+                let detail = format!("not started: {detail}; calls start cold");
+                return send_message(
+                    sock,
+                    &FromSpawner::Warm {
+                        program,
+                        ready: false,
+                        detail,
+                    },
+                    None,
+                );
+            }
         }
     }
+    Ok(())
 }
 
 fn launch_zygote(spec: &WarmSpec) -> Result<(OwnedFd, OwnedFd), String> {

@@ -139,8 +139,9 @@ pub struct Runtime {
     pub prefix: PathBuf,
     /// Warm starts: how many pre-initialised interpreters (libraries imported, no user
     /// code ever run in them) the daemon keeps for this language, each call's sandbox
-    /// cloned from one and then sandboxed exactly like a cold start. 0 = off, every call
-    /// starts a fresh interpreter. Default 1 for Python; R has no warm path yet (0).
+    /// cloned from one and then sandboxed exactly like a cold start; each clones one
+    /// sandbox at a time, so more build more at once. 0 = off, every call starts a fresh
+    /// interpreter. Default 2 for Python (at most 8); R has no warm path yet (0).
     #[serde(default)]
     pub warm_pool: Option<u32>,
     /// How many sandboxes of this language the daemon keeps built ahead of calls, each
@@ -164,7 +165,7 @@ impl Runtime {
     /// The effective warm pool size of `language` (the default when unset).
     pub fn warm_pool(&self, language: Language) -> u32 {
         self.warm_pool.unwrap_or(match language {
-            Language::Python => 1,
+            Language::Python => 2,
             Language::R => 0,
         })
     }
@@ -309,7 +310,7 @@ impl Config {
                 ));
             }
             let max = match lang {
-                Language::Python => 1,
+                Language::Python => 8,
                 Language::R => 0,
             };
             if rt.prepared(*lang) > MAX_PREPARED {
@@ -322,7 +323,7 @@ impl Config {
                 return Err(invalid(
                     "runtimes.*.warm_pool",
                     match lang {
-                        Language::Python => "for python must be 0 (off) or 1 (one pre-initialised interpreter; every call is cloned from it)".into(),
+                        Language::Python => "for python must be 0 (off) to 8 (pre-initialised interpreters each call is cloned from)".into(),
                         Language::R => "for R must be 0: R has no warm path yet".into(),
                     },
                 ));
@@ -459,14 +460,19 @@ mod tests {
         let config = Config::parse(Path::new("t.toml"), &with("")).unwrap();
         assert_eq!(
             config.runtimes[&Language::Python].warm_pool(Language::Python),
-            1
+            2
         );
         let off = Config::parse(Path::new("t.toml"), &with("warm_pool = 0")).unwrap();
         assert_eq!(
             off.runtimes[&Language::Python].warm_pool(Language::Python),
             0
         );
-        assert!(err(&with("warm_pool = 2")).contains("runtimes.*.warm_pool"));
+        assert!(err(&with("warm_pool = 9")).contains("runtimes.*.warm_pool"));
+        assert!(err(&with("prepared = 65")).contains("runtimes.*.prepared"));
+        assert_eq!(
+            config.runtimes[&Language::Python].prepared(Language::Python),
+            2
+        );
         let r = "prefix = \"/opt/airlock/runtimes/r\"";
         let r_warm = GOOD.replacen(r, &format!("{r}\nwarm_pool = 1"), 1);
         assert!(err(&r_warm).contains("R has no warm path"));

@@ -214,6 +214,7 @@ pub fn warm_spec(language: Language, runtime: &Runtime) -> Option<WarmSpec> {
                 ])
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            count: runtime.warm_pool(language),
         }),
         Language::R => None,
     }
