@@ -28,6 +28,7 @@ import decimal
 import json
 import linecache
 import os
+import select
 import socket
 import sys
 import threading
@@ -117,10 +118,12 @@ def main():
 def run(chan):
     """The whole conversation; raises Failure for anything that ends in script_error."""
     try:
-        # Libraries first: a sandbox prepared ahead of its call imports and warms them
-        # while it waits for the call's start.
+        # Libraries first: a sandbox prepared ahead of its call imports them while it
+        # waits for the call's start, and warms them up if the call is not here yet
+        # (when it is, warming up would only delay it).
         libs = import_libraries()
-        warm_up(libs)
+        if not chan.readable():
+            warm_up(libs)
         forwarder = PrintForwarder(chan)
         forwarder.open()
         start = read_start(chan)
@@ -178,6 +181,10 @@ class Channel:
         self.max_frame = MAX_FRAME_LEN
         # Input frames that arrived while a loopback query waited for its answer.
         self.backlog = collections.deque()
+
+    def readable(self):
+        """Whether bytes (or end of stream) are waiting, without blocking."""
+        return bool(select.select([self.sock], [], [], 0)[0])
 
     def recv_frame(self):
         """Returns (kind, payload), or None on a clean end of stream between frames."""
