@@ -6,8 +6,10 @@
 #
 # Environment: BENCH_ROWS (default 1000000), BENCH_REPS (repetitions of the large
 # measures, default 3), BENCH_CALLS (trivial calls per measure, default 50),
-# BENCH_CONC_SECONDS (the 20-client run, default 20; 0 skips it), BENCH_WARM_POOL (the
-# daemon's [runtimes.python] warm_pool, default 1; 0 measures cold starts),
+# BENCH_CONC_SECONDS (the 20-client run, default 20; 0 skips it), BENCH_WARM_POOL and
+# BENCH_PREPARED (the daemon's [runtimes.python] warm_pool and prepared, default the
+# daemon's defaults, 2 and 2; warm_pool 0 measures cold starts, prepared 0 builds every
+# sandbox when its call arrives),
 # BENCH_KEEP_LOG (a path: the daemon's debug log is copied there, with each call's
 # session_folder_us, cgroup_us, spawn_us, run_us and session_removal_us), AIRLOCKD_BIN
 # (default /usr/local/bin/airlockd).
@@ -88,7 +90,8 @@ tmp_size_mib = 64
 
 [runtimes.python]
 prefix = "$PY_PREFIX"
-warm_pool = ${BENCH_WARM_POOL:-1}
+warm_pool = ${BENCH_WARM_POOL:-2}
+prepared = ${BENCH_PREPARED:-2}
 EOF
 RUST_LOG="${BENCH_KEEP_LOG:+airlockd=debug,}info" \
     "$AIRLOCKD" --config "$WORK/airlockd.toml" </dev/null >"$WORK/airlockd.log" 2>&1 &
@@ -100,7 +103,7 @@ for _ in $(seq 200); do
 done
 [[ -S "$WORK/airlockd.sock" ]] || { echo "airlockd did not start" >&2; cat "$WORK/airlockd.log" >&2; exit 1; }
 # Warm starts: measured once the pre-initialised interpreter is ready (or said why not).
-if [[ "${BENCH_WARM_POOL:-1}" != 0 ]]; then
+if [[ "${BENCH_WARM_POOL:-2}" != 0 ]]; then
     for _ in $(seq 600); do
         grep -q "warm starts" "$WORK/airlockd.log" && break
         sleep 0.05
@@ -130,6 +133,7 @@ export PGHOST="$RUN" PGPORT="$PORT" PGUSER=postgres PGDATABASE=postgres
 CMD="bench/run.sh"
 [[ -n "${AIRLOCKD_BIN:-}" ]] && CMD="AIRLOCKD_BIN=$AIRLOCKD_BIN $CMD"
 [[ -n "${BENCH_WARM_POOL:-}" ]] && CMD="BENCH_WARM_POOL=$BENCH_WARM_POOL $CMD"
+[[ -n "${BENCH_PREPARED:-}" ]] && CMD="BENCH_PREPARED=$BENCH_PREPARED $CMD"
 # The sandbox alone: /usr/bin/true bare and in a full sandbox (no database involved).
 (cd "$HERE/.." && cargo build --release --quiet -p airlock-sandbox --example overhead)
 OVERHEAD="$("$HERE/../target/release/examples/overhead" 50)"
