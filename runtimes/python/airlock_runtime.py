@@ -80,6 +80,10 @@ class Failure(Exception):
         self.status = status
 
 
+# How soon the start of a call the sandbox was built for arrives (see run()).
+CALL_AT_ONCE_SECONDS = 0.01
+
+
 def main():
     try:
         sock = socket.socket(fileno=SOCKET_FD)
@@ -119,10 +123,12 @@ def run(chan):
     """The whole conversation; raises Failure for anything that ends in script_error."""
     try:
         # Libraries first: a sandbox prepared ahead of its call imports them while it
-        # waits for the call's start, and warms them up if the call is not here yet
-        # (when it is, warming up would only delay it).
+        # waits for the call's start, and warms them up if the call does not come at
+        # once. A sandbox built for a waiting call gets its start within a few ms (the
+        # backend is handed the socket as the sandbox is ready): warming up would only
+        # delay that call.
         libs = import_libraries()
-        if not chan.readable():
+        if not chan.readable(CALL_AT_ONCE_SECONDS):
             warm_up(libs)
         forwarder = PrintForwarder(chan)
         forwarder.open()
@@ -182,9 +188,9 @@ class Channel:
         # Input frames that arrived while a loopback query waited for its answer.
         self.backlog = collections.deque()
 
-    def readable(self):
-        """Whether bytes (or end of stream) are waiting, without blocking."""
-        return bool(select.select([self.sock], [], [], 0)[0])
+    def readable(self, timeout):
+        """Whether bytes (or end of stream) arrive within `timeout` seconds."""
+        return bool(select.select([self.sock], [], [], timeout)[0])
 
     def recv_frame(self):
         """Returns (kind, payload), or None on a clean end of stream between frames."""

@@ -101,7 +101,7 @@ builtins.LEFTOVER = 'secret-2'
 os.environ['LEFTOVER'] = 'secret-3'
 open('/tmp/leftover', 'w').write('secret-4')
 threading.Thread(target=time.sleep, args=(30,), name='leftover', daemon=True).start()
-OutputDataSet = pd.DataFrame({'v': [str(os.getpid()) + ' ' + open('/proc/self/stat').read().split()[21]]})
+OutputDataSet = pd.DataFrame({'v': [str(os.getpid()) + ' ' + open('/proc/self/stat').read().split()[21] + ' ' + os.readlink('/proc/self/ns/pid')]})
 ";
     let look = "
 import sys, os, builtins, threading
@@ -111,12 +111,14 @@ if hasattr(builtins, 'LEFTOVER'): seen.append('builtin')
 if 'LEFTOVER' in os.environ: seen.append('env')
 if os.path.exists('/tmp/leftover'): seen.append('tmp')
 if any(t.name == 'leftover' for t in threading.enumerate()): seen.append('thread')
-seen.append(str(os.getpid()) + ' ' + open('/proc/self/stat').read().split()[21])
+seen.append(str(os.getpid()) + ' ' + open('/proc/self/stat').read().split()[21] + ' ' + os.readlink('/proc/self/ns/pid'))
 OutputDataSet = pd.DataFrame({'v': seen})
 ";
-    // Each call's process is pid 1 of its own pid namespace and was created after the
-    // previous call's (start times in clock ticks since boot strictly increase).
-    let mut last_start = 0u64;
+    // Each call's process is pid 1 of its own pid namespace, and no two calls report the
+    // same process: (start time in clock ticks since boot, pid namespace) differ. Either
+    // alone can repeat: sandboxes prepared in parallel start in the same tick, and the
+    // kernel reuses a namespace's inode number once it is gone.
+    let mut seen = std::collections::HashSet::new();
     for round in 0..3 {
         let first = py_text(&mut c, leave)?;
         let second = py_text(&mut c, look)?;
@@ -125,16 +127,12 @@ OutputDataSet = pd.DataFrame({'v': seen})
             format!("round {round}: the next call saw the previous call's state: {second:?}"),
         )?;
         for out in [&first[0], &second[0]] {
-            let (pid, start) = out.split_once(' ').ok_or("format")?;
-            let start: u64 = start.parse().map_err(|_| "start time")?;
+            let (pid, process) = out.split_once(' ').ok_or("format")?;
             ensure(pid == "1", format!("pid 1 of its own namespace: {out}"))?;
             ensure(
-                start > last_start,
-                format!(
-                    "round {round}: a process served two calls (start {start} after {last_start})"
-                ),
+                seen.insert(process.to_owned()),
+                format!("round {round}: a process served two calls ({process})"),
             )?;
-            last_start = start;
         }
     }
     Ok(())
@@ -377,10 +375,10 @@ fn warm_pool_zero_turns_it_off() -> TestResult {
 /// sandbox was started before the call arrived.
 const AGE: &str = "(lambda s, u: float(u.split()[0]) - int(s.split(')')[-1].split()[19]) / __import__('os').sysconf('SC_CLK_TCK'))(open('/proc/self/stat').read(), open('/proc/uptime').read())";
 
-/// After a pause, a call (of either language, of a caller new to the daemon) is served
-/// by a sandbox prepared ahead: its process is older than the call, the daemon logs it
-/// as prepared, and it is confined like any other (the rest of this suite and the
-/// escape suite run on prepared sandboxes too).
+/// After a pause, a call (of either language) is served by a sandbox prepared ahead: its
+/// process is older than the call, the daemon logs it as prepared, and it is confined
+/// like any other (the rest of this suite and the escape suite run on prepared
+/// sandboxes too).
 fn calls_take_sandboxes_prepared_ahead() -> TestResult {
     let daemon = &env().daemon;
     thread::sleep(Duration::from_millis(1500));
@@ -392,23 +390,27 @@ fn calls_take_sandboxes_prepared_ahead() -> TestResult {
         age > 1.0,
         format!("the call's process is {age} s old: built for the call, not ahead of it"),
     )?;
-    // R: a new caller (another role), its own language's prepared sandbox.
-    thread::sleep(Duration::from_millis(1500));
+    // R, another caller: its first call prepares sandboxes for it, its second takes one.
     let (mut r, _) = env().cluster.connect("r_analyst");
     let script = "s <- strsplit(readLines('/proc/self/stat'), ') ')[[1]][2]
 start <- as.numeric(strsplit(s, ' ')[[1]][20]) / 100
 up <- as.numeric(strsplit(readLines('/proc/uptime'), ' ')[[1]][1])
 OutputDataSet <- data.frame(v = up - start)";
-    let rows = r
-        .query(
-            "SELECT * FROM airlock.execute_external_script('R', $1) AS r(v float8)",
-            &[&script],
-        )
-        .map_err(|e| airlock_e2e::describe(&e))?;
-    let r_age: f64 = rows[0].get(0);
+    let r_age = |r: &mut Client| -> Result<f64, Failed> {
+        let rows = r
+            .query(
+                "SELECT * FROM airlock.execute_external_script('R', $1) AS r(v float8)",
+                &[&script],
+            )
+            .map_err(|e| airlock_e2e::describe(&e))?;
+        Ok(rows[0].get(0))
+    };
+    r_age(&mut r)?;
+    thread::sleep(Duration::from_millis(1500));
+    let age = r_age(&mut r)?;
     ensure(
-        r_age > 1.0,
-        format!("the R call's process is {r_age} s old: built for the call"),
+        age > 1.0,
+        format!("the R call's process is {age} s old: built for the call"),
     )?;
     ensure(
         eventually(Duration::from_secs(2), || {
@@ -418,12 +420,50 @@ OutputDataSet <- data.frame(v = up - start)";
     )
 }
 
+/// A sandbox that waited while one caller's scripts ran as its worker uid never serves
+/// another caller: when the uid goes to a new caller, those sandboxes are discarded and
+/// the new caller's call gets a sandbox built for it.
+fn a_sandbox_prepared_under_one_caller_never_serves_another() -> TestResult {
+    let daemon = &env().daemon;
+    let mut a = analyst();
+    py_text(&mut a, &one("1"))?;
+    // a's refills finish (bound to a); a holds no uid now.
+    thread::sleep(Duration::from_millis(1500));
+    let discarded = "a prepared sandbox waited while another caller held its uid; discarded";
+    let before = daemon.log().matches(discarded).count();
+    let (mut b, _) = env().cluster.connect("analyst_b");
+    let out = py_text(&mut b, &one(AGE))?;
+    let age: f64 = out[0].parse().map_err(|_| format!("age: {out:?}"))?;
+    ensure(
+        age < 1.0,
+        format!(
+            "the new caller got a sandbox {age} s old, prepared while another caller held its uid"
+        ),
+    )?;
+    ensure(daemon.log().matches(discarded).count() > before, {
+        let log = daemon.log();
+        let calls: Vec<&str> = log
+            .lines()
+            .filter(|l| {
+                l.contains("call started") || l.contains("discarded") || l.contains("prepare")
+            })
+            .collect();
+        format!(
+            "the previous caller's prepared sandboxes were not discarded; calls:\n{}",
+            calls[calls.len().saturating_sub(14)..].join("\n")
+        )
+    })
+}
+
 /// A prepared sandbox that died while it waited (killed from outside here) is never
 /// handed to a call: the call gets another, and succeeds.
 fn a_prepared_sandbox_killed_while_waiting_is_never_used() -> TestResult {
     let daemon = &env().daemon;
-    // Let the refills finish, then kill every sandbox init waiting (pid 1 of its own
-    // pid namespace, running as a worker uid; no call runs now).
+    // A call binds the uid's waiting sandboxes to this caller and refills them; once the
+    // refills are done, every sandbox init waiting (pid 1 of its own pid namespace,
+    // running as a worker uid; no call runs now) is killed.
+    let mut c = analyst();
+    py_text(&mut c, &one("1"))?;
     thread::sleep(Duration::from_millis(1500));
     let waiting = sandbox_inits();
     ensure(!waiting.is_empty(), "no prepared sandbox to kill")?;
@@ -443,7 +483,6 @@ fn a_prepared_sandbox_killed_while_waiting_is_never_used() -> TestResult {
     )?;
     // The exit notices travel zygote -> spawner -> daemon.
     thread::sleep(Duration::from_millis(300));
-    let mut c = analyst();
     for _ in 0..3 {
         let out = py_text(&mut c, &one("1 + 1"))?;
         ensure(out == ["2"], format!("after the kill: {out:?}"))?;
@@ -571,7 +610,9 @@ fn setup_roles(cluster: &Cluster) {
         "CREATE ROLE analyst LOGIN;
          GRANT airlock_script_executor TO analyst;
          CREATE ROLE r_analyst LOGIN;
-         GRANT airlock_r_executor TO r_analyst;",
+         GRANT airlock_r_executor TO r_analyst;
+         CREATE ROLE analyst_b LOGIN;
+         GRANT airlock_script_executor TO analyst_b;",
     )
     .expect("setting up roles");
 }
@@ -607,6 +648,7 @@ fn main() {
         timeout_of_a_warm_call_is_reported,
         warm_pool_zero_turns_it_off,
         calls_take_sandboxes_prepared_ahead,
+        a_sandbox_prepared_under_one_caller_never_serves_another,
         a_prepared_sandbox_killed_while_waiting_is_never_used,
         stopping_the_daemon_removes_its_prepared_sandboxes,
     ];

@@ -125,6 +125,9 @@ struct State {
     live: Vec<(u64, Live)>,
     zygotes: Vec<Zygote>,
     pending: Vec<Pending>,
+    /// Warm calls waiting for a zygote of their spec to be free (each zygote has at most
+    /// one call in hand, so the spawner never blocks sending to one), oldest first.
+    queued: std::collections::VecDeque<(SpawnRequest, OwnedFd)>,
     /// When a zygote of each spec last stopped, for the restart backoff.
     stopped: Vec<(WarmSpec, Instant)>,
     next_zygote: u32,
@@ -133,7 +136,8 @@ struct State {
 /// What a poll woke up for.
 enum Ready {
     Daemon,
-    Cold(usize),
+    /// A cold sandbox's init exited (by call id: `live` changes before it is handled).
+    Cold(u64),
     ZygoteMessage(u32),
     ZygoteExited(u32),
 }
@@ -144,10 +148,10 @@ fn serve(sock: BorrowedFd<'_>, state: &mut State) -> Result<(), SandboxError> {
         let ready = {
             let mut fds: Vec<PollFd<'_>> = vec![PollFd::new(sock, PollFlags::POLLIN)];
             let mut what = vec![Ready::Daemon];
-            for (i, (_, live)) in state.live.iter().enumerate() {
+            for (call_id, live) in &state.live {
                 if let Live::Cold(sandbox) = live {
                     fds.push(PollFd::new(sandbox.pidfd.as_fd(), PollFlags::POLLIN));
-                    what.push(Ready::Cold(i));
+                    what.push(Ready::Cold(*call_id));
                 }
             }
             for z in &state.zygotes {
@@ -187,12 +191,12 @@ fn serve(sock: BorrowedFd<'_>, state: &mut State) -> Result<(), SandboxError> {
         for id in late {
             stop_zygote(sock, state, id, "it did not answer within 10 s")?;
         }
-        let mut exited_cold: Vec<usize> = Vec::new();
+        let mut exited_cold: Vec<u64> = Vec::new();
         let mut daemon_ready = false;
         for r in ready {
             match r {
                 Ready::Daemon => daemon_ready = true,
-                Ready::Cold(i) => exited_cold.push(i),
+                Ready::Cold(call_id) => exited_cold.push(call_id),
                 Ready::ZygoteMessage(id) => {
                     if let Err(detail) = zygote_message(sock, state, id) {
                         stop_zygote(sock, state, id, &detail)?;
@@ -201,15 +205,19 @@ fn serve(sock: BorrowedFd<'_>, state: &mut State) -> Result<(), SandboxError> {
                 Ready::ZygoteExited(id) => stop_zygote(sock, state, id, "it exited")?,
             }
         }
-        // Highest index first, so swap_remove never moves an entry still to be handled.
-        exited_cold.sort_unstable();
-        for i in exited_cold.into_iter().rev() {
-            let (call_id, live) = state.live.swap_remove(i);
-            if let Live::Cold(mut sandbox) = live {
-                let status = sandbox.wait()?;
-                send_message(sock, &FromSpawner::Exited { call_id, status }, None)?;
+        for call_id in exited_cold {
+            let found = state
+                .live
+                .iter()
+                .position(|(id, l)| *id == call_id && matches!(l, Live::Cold(_)));
+            if let Some(i) = found {
+                if let (_, Live::Cold(mut sandbox)) = state.live.swap_remove(i) {
+                    let status = sandbox.wait()?;
+                    send_message(sock, &FromSpawner::Exited { call_id, status }, None)?;
+                }
             }
         }
+        dispatch_queued(sock, state)?;
         if daemon_ready {
             match recv_message::<ToSpawner>(sock, &mut buf)? {
                 None => return Ok(()),
@@ -239,46 +247,81 @@ fn handle_spawn(
             "a spawn request carries exactly one fd (the data socket), this one carried {}",
             fds.len()
         ))
-    } else if state.live.iter().any(|(id, _)| *id == call_id) {
-        refuse(format!("call {call_id} already has a running sandbox"))
+    } else if state.live.iter().any(|(id, _)| *id == call_id)
+        || state.pending.iter().any(|p| p.call_id == call_id)
+        || state.queued.iter().any(|(r, _)| r.call_id == call_id)
+    {
+        refuse(format!("call {call_id} already has a sandbox"))
     } else {
         // The length was checked just above.
         let data = fds.remove(0);
-        let warm = match &req.warm {
-            Some(spec) => warm_spawn(sock, state, spec, &req, data.as_fd())?,
-            None => WarmOutcome::Unavailable,
-        };
-        match warm {
-            // The zygote's answer is the reply (see `zygote_message`).
-            WarmOutcome::Handed => return Ok(()),
-            // Nothing reached a zygote: the call starts cold, with the same sandbox.
-            WarmOutcome::Unavailable => match spawn(&req, data) {
-                Ok(sandbox) => {
-                    let pid = sandbox.pid;
-                    // Tracked before replying, so a failed reply still gets it killed.
-                    state.live.push((call_id, Live::Cold(sandbox)));
-                    FromSpawner::Spawned {
-                        call_id,
-                        pid,
-                        warm: false,
-                    }
-                }
-                Err(e) => refuse(e.to_string()),
-            },
-        }
+        return start_call(sock, state, req, data);
     };
     send_message(sock, &reply, None)
+}
+
+/// Starts a call's sandbox: handed to a free zygote of its warm spec, queued while every
+/// ready zygote of the spec has a call in hand, else cold.
+fn start_call(
+    sock: BorrowedFd<'_>,
+    state: &mut State,
+    req: SpawnRequest,
+    data: OwnedFd,
+) -> Result<(), SandboxError> {
+    let call_id = req.call_id;
+    if let Some(spec) = &req.warm {
+        match warm_spawn(sock, state, spec, &req, data.as_fd())? {
+            // The zygote's answer is the reply (see `zygote_message`).
+            WarmOutcome::Handed => return Ok(()),
+            WarmOutcome::Busy => {
+                state.queued.push_back((req, data));
+                return Ok(());
+            }
+            WarmOutcome::Unavailable => {}
+        }
+    }
+    // No zygote: the call starts cold, with the same sandbox.
+    let reply = match spawn(&req, data) {
+        Ok(sandbox) => {
+            let pid = sandbox.pid;
+            // Tracked before replying, so a failed reply still gets it killed.
+            state.live.push((call_id, Live::Cold(sandbox)));
+            FromSpawner::Spawned {
+                call_id,
+                pid,
+                warm: false,
+            }
+        }
+        Err(e) => FromSpawner::SpawnFailed {
+            call_id,
+            error: e.to_string(),
+        },
+    };
+    send_message(sock, &reply, None)
+}
+
+/// Gives queued calls to zygotes that became free, in order (or starts them cold if
+/// their spec has no ready zygote any more).
+fn dispatch_queued(sock: BorrowedFd<'_>, state: &mut State) -> Result<(), SandboxError> {
+    let queued = std::mem::take(&mut state.queued);
+    for (req, data) in queued {
+        start_call(sock, state, req, data)?;
+    }
+    Ok(())
 }
 
 enum WarmOutcome {
     /// The call (and its data socket) went to a zygote, which answers later.
     Handed,
+    /// Every ready zygote of the spec has a call in hand: wait for one.
+    Busy,
     /// No zygote is ready (or the request never reached it): start cold.
     Unavailable,
 }
 
-/// Hands the call to a ready zygote of `spec`, the one with the fewest calls waiting on
-/// it; it answers `spawned` or `spawn_failed` later, within `WARM_SPAWN_TIMEOUT`.
+/// Hands the call to a ready zygote of `spec` that has no call in hand; it answers
+/// `spawned` or `spawn_failed` later, within `WARM_SPAWN_TIMEOUT`. One call at a time
+/// per zygote: its socket's queue never fills, so this send never blocks.
 fn warm_spawn(
     sock: BorrowedFd<'_>,
     state: &mut State,
@@ -287,15 +330,17 @@ fn warm_spawn(
     data: BorrowedFd<'_>,
 ) -> Result<WarmOutcome, SandboxError> {
     start_zygotes(sock, state, spec)?;
-    let waiting = |id: u32| state.pending.iter().filter(|p| p.zygote == id).count();
-    let Some(id) = state
-        .zygotes
-        .iter()
-        .filter(|z| z.spec == *spec && z.ready)
-        .min_by_key(|z| (waiting(z.id), z.id))
+    let busy = |id: u32| state.pending.iter().any(|p| p.zygote == id);
+    let mut ready = state.zygotes.iter().filter(|z| z.spec == *spec && z.ready);
+    let Some(first) = ready.next() else {
+        return Ok(WarmOutcome::Unavailable);
+    };
+    let Some(id) = std::iter::once(first)
+        .chain(ready)
+        .find(|z| !busy(z.id))
         .map(|z| z.id)
     else {
-        return Ok(WarmOutcome::Unavailable);
+        return Ok(WarmOutcome::Busy);
     };
     let Some(zygote) = state.zygotes.iter().find(|z| z.id == id) else {
         return Ok(WarmOutcome::Unavailable);

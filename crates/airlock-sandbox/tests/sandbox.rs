@@ -458,43 +458,46 @@ fn missing_mount_source_fails_before_cloning() {
     );
 }
 
-/// The init enters the call's cgroup before its release, by itself (v1 writes `0` to
-/// each `tasks` file): the runtime's first line already sees every controller's group.
+/// The init enters the call's cgroup as its first step, on the layout the daemon uses
+/// on this host (v1: it writes `0` to each controller's `tasks` file; v2: it is cloned
+/// into the group): the runtime's first line already sees the call's group.
 #[test]
-fn v1_the_runtime_starts_inside_the_calls_cgroup() {
+fn the_runtime_starts_inside_the_calls_cgroup() {
     let fx = Fixture::new();
     let name = format!("airlock-sandbox-test-{}", std::process::id());
     let root = CgroupRoot::detect(&name).expect("detect");
-    assert_eq!(
-        root.version(),
-        CgroupVersion::V1,
-        "this machine's daemon uses cgroup v1; the v2 way is the next test"
-    );
     let limits = CgroupLimits {
         memory_bytes: 256 << 20,
         pids: 64,
         cpu_quota_percent: 100,
     };
+    let root_version = root.version();
     let call = root.create("call", &limits).expect("create");
     let mut req = fx.request(&sh("cat /proc/self/cgroup >&3"));
     req.cgroup = Some(call.join());
-    let out = run_ok(&req);
-    for controller in ["memory", "pids", "cpu"] {
+    let (out, status) = run(&req);
+    call.remove().expect("remove the call group");
+    root.remove().expect("remove the test root");
+    assert_eq!(status, ExitStatus::Code { code: 0 }, "output: {out}");
+    let controllers: &[&str] = match root_version {
+        CgroupVersion::V1 => &["memory", "pids", "cpu"],
+        // v2: the one unified line, "0::/path".
+        CgroupVersion::V2 => &[""],
+    };
+    for controller in controllers {
         let line = out
             .lines()
             .find(|l| {
                 l.split(':')
                     .nth(1)
-                    .is_some_and(|c| c.split(',').any(|c| c == controller))
+                    .is_some_and(|c| c.split(',').any(|c| c == *controller))
             })
-            .unwrap_or_else(|| panic!("no {controller} line in {out:?}"));
+            .unwrap_or_else(|| panic!("no {controller:?} line in {out:?}"));
         assert!(
             line.ends_with(&format!("/{name}/call")),
             "{controller}: {line}"
         );
     }
-    call.remove().expect("remove the call group");
-    root.remove().expect("remove the test root");
 }
 
 /// v2: the init is cloned straight into the group (`CLONE_INTO_CGROUP`). This machine
@@ -533,6 +536,24 @@ fn v2_the_runtime_is_cloned_into_the_calls_cgroup() {
         out.0.lines().any(|l| l == format!("0::{rel}")),
         "want 0::{rel} in {:?}",
         out.0
+    );
+}
+
+/// The init's own step fails when its write is refused (here a `tasks` "file" that
+/// opens but refuses every write): the setup's error names the file and the errno, and
+/// nothing runs.
+#[test]
+fn a_refused_cgroup_join_fails_the_spawn_naming_it() {
+    let fx = Fixture::new();
+    let mut req = fx.request(&["/usr/bin/true"]);
+    req.cgroup = Some(CgroupJoin::V1 {
+        tasks: vec!["/dev/full".into()],
+    });
+    let (_ours, theirs) = data_pair();
+    let err = spawn(&req, theirs).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "move the sandbox init into its cgroup via /dev/full: No space left on device (os error 28)"
     );
 }
 

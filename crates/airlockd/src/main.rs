@@ -104,7 +104,7 @@ fn main() -> anyhow::Result<()> {
                 audit_log.with_monitor(monitor.clone()),
                 monitor,
             ));
-            tokio::spawn(server::start_preparing(daemon.clone()));
+            server::start_preparing(&daemon);
             tracing::info!(socket = %config.socket_path.display(), "airlockd listening");
             let shutdown = async {
                 let mut term =

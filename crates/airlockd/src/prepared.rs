@@ -30,6 +30,7 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use crate::{
+    pool::CallerKey,
     runtime::{self, CallSpec},
     server::Daemon,
     session::SessionDir,
@@ -92,6 +93,9 @@ impl Drop for CallGroup {
 pub struct Built {
     pub language: Language,
     pub uid: u32,
+    /// The caller whose calls held `uid` while this sandbox waited, if any: only that
+    /// caller's calls may take it (see [`Prepared::take`]).
+    built_for: Option<CallerKey>,
     pub call_id: u64,
     pub session_id: Uuid,
     /// The backend's end of the data socket.
@@ -123,6 +127,8 @@ impl Built {
 /// Why a sandbox could not be built; the message is what the backend is told.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
+    #[error("airlockd has no runtime configured for {0}")]
+    NoRuntime(Language),
     #[error("cannot create session folder: {0}")]
     Session(std::io::Error),
     #[error("cannot create data socket: {0}")]
@@ -133,18 +139,21 @@ pub enum BuildError {
     Spawn(crate::spawner::SpawnerError),
 }
 
-/// Builds one sandbox of `language` for worker `uid`, running and waiting for its call;
-/// `session_id` names its session folder and cgroup.
+/// Builds one sandbox of `language` for worker `uid` (held by `built_for`'s calls, if
+/// any), running and waiting for its call; `session_id` names its session folder and
+/// cgroup.
 pub async fn build(
     daemon: &Daemon,
     language: Language,
     uid: u32,
+    built_for: Option<CallerKey>,
     session_id: Uuid,
 ) -> Result<Built, BuildError> {
     let config = &daemon.config;
-    let Some(rt) = config.runtimes.get(&language) else {
-        unreachable!("calls and refills exist only for configured languages")
-    };
+    let rt = config
+        .runtimes
+        .get(&language)
+        .ok_or(BuildError::NoRuntime(language))?;
     let call_id = daemon.next_call_id();
     let t0 = Instant::now();
     // The session folder: removed when the `Built` (or the call holding it) drops.
@@ -197,6 +206,7 @@ pub async fn build(
     Ok(Built {
         language,
         uid,
+        built_for,
         call_id,
         session_id,
         backend_end,
@@ -252,12 +262,39 @@ impl Prepared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The oldest live sandbox of `language` prepared for `uid`, if any. Dead ones met
-    /// on the way are dropped (their cgroup and folder removed).
-    pub fn take(&self, language: Language, uid: u32) -> Option<Built> {
+    /// The oldest live sandbox of `language` for `uid` that `caller`'s call may take, if
+    /// any; `caller` holds `uid` now. Every waiting sandbox of `uid` is bound to
+    /// `caller` from here on (it waits while `caller`'s scripts run as `uid`), and those
+    /// bound to an earlier holder of `uid` are returned in the second place, to be
+    /// discarded: a sandbox never serves a caller other than the one whose scripts
+    /// shared its uid while it waited. Dead sandboxes met on the way are dropped.
+    pub fn take(
+        &self,
+        language: Language,
+        uid: u32,
+        caller: &CallerKey,
+    ) -> (Option<Built>, Vec<Built>) {
+        let mut stale = Vec::new();
         let mut dead = Vec::new();
         let found = {
             let mut st = self.lock();
+            let mut kept = VecDeque::with_capacity(st.parked.len());
+            for mut b in st.parked.drain(..) {
+                if b.uid != uid {
+                    kept.push_back(b);
+                    continue;
+                }
+                match &b.built_for {
+                    None => b.built_for = Some(caller.clone()),
+                    Some(c) if c != caller => {
+                        stale.push(b);
+                        continue;
+                    }
+                    Some(_) => {}
+                }
+                kept.push_back(b);
+            }
+            st.parked = kept;
             loop {
                 let Some(i) = st
                     .parked
@@ -281,15 +318,17 @@ impl Prepared {
                 "a prepared sandbox died before its call; discarded"
             );
         }
-        found
+        (found, stale)
     }
 
-    /// Worker uids with a sandbox of `language` waiting.
-    pub fn uids(&self, language: Language) -> BTreeSet<u32> {
+    /// Worker uids with a sandbox of `language` waiting that `caller` may take if it
+    /// gets that uid.
+    pub fn uids(&self, language: Language, caller: &CallerKey) -> BTreeSet<u32> {
         self.lock()
             .parked
             .iter()
             .filter(|b| b.language == language)
+            .filter(|b| b.built_for.as_ref().is_none_or(|c| c == caller))
             .map(|b| b.uid)
             .collect()
     }
@@ -308,21 +347,47 @@ impl Prepared {
         if st.closed || st.parked(language, Some(uid)) + st.building(language, Some(uid)) >= cap {
             return None;
         }
+        let over =
+            (st.parked(language, None) + st.building(language, None) + 1).saturating_sub(cap);
+        let others = st
+            .parked
+            .iter()
+            .filter(|b| b.language == language && b.uid != uid)
+            .count();
+        if over > others {
+            // Every other slot is a build under way.
+            return None;
+        }
         let mut evicted = Vec::new();
-        while st.parked(language, None) + st.building(language, None) >= cap {
-            let i = st
+        for _ in 0..over {
+            if let Some(i) = st
                 .parked
                 .iter()
-                .position(|b| b.language == language && b.uid != uid)?;
-            evicted.extend(st.parked.remove(i));
+                .position(|b| b.language == language && b.uid != uid)
+            {
+                evicted.extend(st.parked.remove(i));
+            }
         }
         *st.building.entry((language, uid)).or_default() += 1;
         Some(evicted)
     }
 
-    /// Ends a build reserved by [`claim`](Self::claim), parking what it built; once
-    /// closed, hands it back to be discarded.
-    fn finish(&self, language: Language, uid: u32, built: Option<Built>) -> Option<Built> {
+    /// Ends a build reserved by [`claim`](Self::claim) by parking what it built; once
+    /// closed, hands it back instead, still counted as a build until
+    /// [`unclaim`](Self::unclaim) after it is discarded.
+    fn finish(&self, language: Language, uid: u32, built: Built) -> Option<Built> {
+        let mut st = self.lock();
+        if st.closed {
+            return Some(built);
+        }
+        st.parked.push_back(built);
+        drop(st);
+        self.unclaim(language, uid);
+        None
+    }
+
+    /// Ends a build reserved by [`claim`](Self::claim) without parking anything.
+    fn unclaim(&self, language: Language, uid: u32) {
         let mut st = self.lock();
         if let Some(n) = st.building.get_mut(&(language, uid)) {
             *n -= 1;
@@ -330,11 +395,6 @@ impl Prepared {
                 st.building.remove(&(language, uid));
             }
         }
-        if st.closed {
-            return built;
-        }
-        st.parked.extend(built);
-        None
     }
 
     fn close(&self) {
@@ -347,9 +407,10 @@ impl Prepared {
     }
 }
 
-/// Builds sandboxes of `language` for `uid` in the background until the uid has its
-/// `prepared` count. A failed build is logged and not retried until the next call.
-pub fn refill(daemon: &Arc<Daemon>, language: Language, uid: u32) {
+/// Builds sandboxes of `language` for `uid` (held by `built_for`'s calls, if any) in the
+/// background until the uid has its `prepared` count. A failed build is logged and not
+/// retried until the next call.
+pub fn refill(daemon: &Arc<Daemon>, language: Language, uid: u32, built_for: Option<CallerKey>) {
     let Some(rt) = daemon.config.runtimes.get(&language) else {
         return;
     };
@@ -358,20 +419,27 @@ pub fn refill(daemon: &Arc<Daemon>, language: Language, uid: u32) {
         return;
     }
     let Some(evicted) = daemon.prepared.claim(language, uid, cap) else {
+        tracing::debug!(%language, uid, "no sandbox to prepare now");
         return;
     };
+    tracing::debug!(%language, uid, evicted = evicted.len(), "preparing a sandbox");
     let daemon = daemon.clone();
     tokio::spawn(async move {
         for b in evicted {
             discard(&daemon, b).await;
         }
-        match build(&daemon, language, uid, Uuid::new_v4()).await {
-            Ok(b) => match daemon.prepared.finish(language, uid, Some(b)) {
-                None => refill(&daemon, language, uid),
-                Some(late) => discard(&daemon, late).await,
+        match build(&daemon, language, uid, built_for.clone(), Uuid::new_v4()).await {
+            Ok(b) => match daemon.prepared.finish(language, uid, b) {
+                None => refill(&daemon, language, uid, built_for),
+                Some(late) => {
+                    // The daemon is stopping: removed before the build counts as done,
+                    // so shutdown waits for it.
+                    discard(&daemon, late).await;
+                    daemon.prepared.unclaim(language, uid);
+                }
             },
             Err(e) => {
-                let _ = daemon.prepared.finish(language, uid, None);
+                daemon.prepared.unclaim(language, uid);
                 tracing::warn!(%language, uid, error = %e, "cannot prepare a sandbox");
             }
         }

@@ -84,20 +84,26 @@ impl Daemon {
 }
 
 /// Starts preparing sandboxes for the first worker uid (the one the pool hands out
-/// first), for each language that prepares any. A language with a warm path waits for
-/// its pre-initialised interpreter first (up to `WARM_WAIT`), so its prepared sandboxes
-/// are cloned from it rather than started cold.
-pub async fn start_preparing(daemon: Arc<Daemon>) {
+/// first), for each language that prepares any, each language on its own. A language
+/// with a warm path first waits for its pre-initialised interpreter to report (ready or
+/// not, up to `WARM_WAIT`), so its prepared sandboxes are cloned from it rather than
+/// started cold.
+pub fn start_preparing(daemon: &Arc<Daemon>) {
     const WARM_WAIT: Duration = Duration::from_secs(60);
     let uid = daemon.config.workers.first_uid;
     for (language, rt) in &daemon.config.runtimes {
         if rt.prepared(*language) == 0 {
             continue;
         }
-        if rt.warm_pool(*language) > 0 && runtime::warm_spec(*language, rt).is_some() {
-            let _ = tokio::time::timeout(WARM_WAIT, daemon.spawner.warm_ready()).await;
-        }
-        prepared::refill(&daemon, *language, uid);
+        let language = *language;
+        let warm = rt.warm_pool(language) > 0 && runtime::warm_spec(language, rt).is_some();
+        let daemon = daemon.clone();
+        tokio::spawn(async move {
+            if warm {
+                let _ = tokio::time::timeout(WARM_WAIT, daemon.spawner.warm_reported()).await;
+            }
+            prepared::refill(&daemon, language, uid, None);
+        });
     }
 }
 
@@ -304,8 +310,8 @@ async fn execute(
         role: caller.role.clone(),
     };
     let queue = Duration::from_secs_f64(config.workers.queue_timeout_seconds);
-    // A new caller gets a free uid with sandboxes prepared, if there is one.
-    let preferred = daemon.prepared.uids(language);
+    // A new caller gets a free uid with sandboxes prepared that it may take, if any.
+    let preferred = daemon.prepared.uids(language, &key);
     // While queued, watch the backend: one that gave up (cancel, statement_timeout) must
     // not take a worker later, ahead of callers still waiting.
     let acquired = tokio::select! {
@@ -328,8 +334,16 @@ async fn execute(
     };
     // The sandbox: one prepared for this worker uid, else built now. Either way one
     // more is prepared behind it.
-    let taken = daemon.prepared.take(language, worker.uid);
-    prepared::refill(daemon, language, worker.uid);
+    let (taken, stale) = daemon.prepared.take(language, worker.uid, &key);
+    for b in stale {
+        tracing::info!(
+            call_id = b.call_id,
+            "a prepared sandbox waited while another caller held its uid; discarded"
+        );
+        let daemon = daemon.clone();
+        tokio::spawn(async move { prepared::discard(&daemon, b).await });
+    }
+    prepared::refill(daemon, language, worker.uid, Some(key));
     let session_id = taken.as_ref().map_or_else(Uuid::new_v4, |b| b.session_id);
     let span = tracing::info_span!("call", %session_id, uid = worker.uid);
     run_call(
@@ -378,7 +392,7 @@ async fn run_call(
 
     let sandbox = match taken {
         Some(b) => b,
-        None => match prepared::build(daemon, language, worker.uid, session_id).await {
+        None => match prepared::build(daemon, language, worker.uid, None, session_id).await {
             Ok(b) => b,
             Err(e) => return conn.refuse(RefusalKind::Sandbox, e.to_string()).await,
         },
@@ -397,6 +411,13 @@ async fn run_call(
     } = sandbox;
     let limits = &config.limits;
     let wall_limit_ms = config.limits.wall_clock_ms();
+    // CPU the runtime used while it was prepared (loading its libraries) is not the
+    // call's: its limit and its record count from here, just before the hand-over (the
+    // runtime waits for the call until then).
+    let cpu_before = cgroup
+        .as_ref()
+        .and_then(|c| c.cpu_usage_usec())
+        .unwrap_or(0);
     let sent = conn
         .write_with_fd(
             &Reply::Started {
@@ -408,13 +429,6 @@ async fn run_call(
         )
         .await;
     drop(backend_end);
-    // CPU the runtime used while it was prepared (loading its libraries) is not the
-    // call's: its limit and its record count from here. Read after the hand-over, to
-    // keep it off the call's path; the runtime idled in between.
-    let cpu_before = cgroup
-        .as_ref()
-        .and_then(|c| c.cpu_usage_usec())
-        .unwrap_or(0);
     let mut exited = exited;
     if let Err(e) = sent {
         daemon.spawner.kill(call_id);

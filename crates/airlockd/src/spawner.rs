@@ -102,7 +102,7 @@ enum Command_ {
 #[derive(Clone)]
 pub struct SpawnerHandle {
     tx: mpsc::UnboundedSender<Command_>,
-    /// How many times a pre-initialised interpreter reported ready.
+    /// How many times a pre-initialised interpreter reported ready or unavailable.
     warm: watch::Receiver<u64>,
 }
 
@@ -127,9 +127,9 @@ impl SpawnerHandle {
         Ok(SpawnerHandle { tx, warm })
     }
 
-    /// Resolves once a pre-initialised interpreter has reported ready (at once if one
-    /// already has), or when the spawner is gone.
-    pub async fn warm_ready(&self) {
+    /// Resolves once a pre-initialised interpreter has reported, ready or unavailable
+    /// (at once if one already has), or when the spawner is gone.
+    pub async fn warm_reported(&self) {
         let mut warm = self.warm.clone();
         let _ = warm.wait_for(|n| *n > 0).await;
     }
@@ -264,7 +264,10 @@ fn dispatch(calls: &mut HashMap<u64, Pending>, msg: FromSpawner, warm: &watch::S
             program,
             ready: false,
             detail,
-        } => tracing::warn!(%program, %detail, "warm starts unavailable"),
+        } => {
+            tracing::warn!(%program, %detail, "warm starts unavailable");
+            warm.send_modify(|n| *n += 1);
+        }
     }
 }
 
