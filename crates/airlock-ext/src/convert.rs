@@ -49,6 +49,8 @@ const TIMESTAMP_MIN: i64 = -211_813_488_000_000_000;
 const TIMESTAMP_END: i64 = 9_223_371_331_200_000_000;
 /// Microseconds in a day: the largest time value (24:00:00).
 const DAY_MICROS: i64 = 86_400_000_000;
+/// Postgres' MaxAllocSize: the most one palloc may ask for (1 GB - 1).
+const MAX_ALLOC_SIZE: usize = 0x3fff_ffff;
 
 fn scalar_of_base(base: pg_sys::Oid) -> Option<Scalar> {
     Some(match base {
@@ -1062,12 +1064,15 @@ impl OutputDecoder {
         // Errors Postgres raises while converting (input functions, domain checks,
         // length coercions) are caught and raised again saying where the value was.
         let position = std::panic::AssertUnwindSafe(std::cell::Cell::new((0usize, 0u64)));
-        // The common columns, read from their typed buffers without per-value dispatch.
-        let fast: Vec<Fast<'_>> = self
+        // The common columns are converted whole, ahead of the rows, from their typed
+        // buffers (see `Decoded`); the others value by value in the row loop.
+        // SAFETY: every column was checked against its declared type; the Datums are
+        // made in the current (per-batch) memory context, which outlives the loop.
+        let mut decoded: Vec<Option<Decoded>> = self
             .cols
             .iter()
             .zip(batch.columns())
-            .map(|(col, array)| Fast::of(col, array))
+            .map(|(col, array)| unsafe { Decoded::of(col, array) })
             .collect();
         let cols = &mut self.cols;
         let converted =
@@ -1079,11 +1084,10 @@ impl OutputDecoder {
                     let row_number = first_row + row as u64 + 1;
                     for (c, col) in cols.iter_mut().enumerate() {
                         position.set((c, row_number));
-                        let array = batch.column(c);
-                        let value = match fast[c].datum(col.target.scalar, array, row) {
-                            Some(v) => v,
+                        let value = match decoded[c].as_mut() {
+                            Some(dec) => dec.value(row),
                             // SAFETY: the column was checked against the declared type.
-                            None => unsafe { column_datum(col, array, row) },
+                            None => unsafe { column_datum(col, batch.column(c), row) },
                         }
                         .map_err(|e| e.at(col, row_number))?;
                         (values[c], nulls[c]) = match value {
@@ -1186,66 +1190,199 @@ impl OutError {
     }
 }
 
-/// An output column whose values go straight from a typed Arrow buffer to a Datum:
-/// integers into integer columns (range-checked), floats into float columns. Everything
-/// else takes the general path ([`column_datum`]).
-enum Fast<'a> {
-    I64(&'a [i64]),
-    I32(&'a [i32]),
-    I16(&'a [i16]),
-    F64(&'a [f64]),
-    F32(&'a [f32]),
-    Slow,
+/// An output column converted whole, before the row loop, straight from its typed Arrow
+/// buffers: integers into integer columns (range-checked), floats into float columns of
+/// the same width, bools, and utf8 into plain text columns (all of a batch's text values
+/// in one allocation). These conversions never call into Postgres for a value, so the
+/// first value that fails is kept and reported when the row loop reaches it: errors come
+/// in the same order as value by value. Everything else (typmods, arrays, input
+/// functions, other Arrow types) takes the general path ([`column_datum`]).
+struct Decoded {
+    values: Vec<pg_sys::Datum>,
+    nulls: Vec<bool>,
+    /// The first value that cannot be converted: its row in the batch, and why.
+    error: Option<(usize, OutError)>,
 }
 
-impl<'a> Fast<'a> {
-    fn of(col: &OutCol, array: &'a ArrayRef) -> Fast<'a> {
+impl Decoded {
+    /// Converts `array` whole if its kind allows, else None.
+    ///
+    /// # Safety
+    /// The array's type must have been accepted for the column by `check_schema`. Text
+    /// values are palloc'd in the current memory context.
+    unsafe fn of(col: &OutCol, array: &ArrayRef) -> Option<Decoded> {
         if col.layout.is_some() || col.target.typmod.is_some() {
-            return Fast::Slow;
+            return None;
         }
         use DataType as D;
-        match (col.target.scalar, array.data_type()) {
-            (Scalar::Int2 | Scalar::Int4 | Scalar::Int8, D::Int64) => {
-                Fast::I64(array.as_primitive::<Int64Type>().values())
+        let target = col.target.scalar;
+        match (target, array.data_type()) {
+            (Scalar::Int2 | Scalar::Int4 | Scalar::Int8, D::Int64) => Some(Decoded::ints(
+                target,
+                array,
+                array.as_primitive::<Int64Type>().values(),
+            )),
+            (Scalar::Int2 | Scalar::Int4 | Scalar::Int8, D::Int32) => Some(Decoded::ints(
+                target,
+                array,
+                array.as_primitive::<Int32Type>().values(),
+            )),
+            (Scalar::Int2 | Scalar::Int4 | Scalar::Int8, D::Int16) => Some(Decoded::ints(
+                target,
+                array,
+                array.as_primitive::<Int16Type>().values(),
+            )),
+            (Scalar::Float8, D::Float64) => Some(Decoded::each(
+                array,
+                array.as_primitive::<Float64Type>().values(),
+                |v| Ok(pg_sys::Datum::from(v.to_bits())),
+            )),
+            (Scalar::Float4, D::Float32) => Some(Decoded::each(
+                array,
+                array.as_primitive::<Float32Type>().values(),
+                |v| Ok(pg_sys::Datum::from(v.to_bits() as u64)),
+            )),
+            (Scalar::Bool, D::Boolean) => {
+                let bools = array.as_boolean().values();
+                let mut dec = Decoded::with_nulls(array);
+                dec.values = (0..array.len())
+                    .map(|i| pg_sys::Datum::from(bools.value(i)))
+                    .collect();
+                Some(dec)
             }
-            (Scalar::Int2 | Scalar::Int4 | Scalar::Int8, D::Int32) => {
-                Fast::I32(array.as_primitive::<Int32Type>().values())
+            // Plain text (no input function: not name; no typmod: checked above).
+            (Scalar::Text, D::Utf8) if col.target.input.is_none() => {
+                // SAFETY: forwarded from the caller.
+                unsafe { Decoded::texts(array.as_string::<i32>()) }
             }
-            (Scalar::Int2 | Scalar::Int4 | Scalar::Int8, D::Int16) => {
-                Fast::I16(array.as_primitive::<Int16Type>().values())
-            }
-            (Scalar::Float8, D::Float64) => Fast::F64(array.as_primitive::<Float64Type>().values()),
-            (Scalar::Float4, D::Float32) => Fast::F32(array.as_primitive::<Float32Type>().values()),
-            _ => Fast::Slow,
+            _ => None,
         }
     }
 
-    /// The value at `row`, or None for the general path.
-    fn datum(
-        &self,
-        target: Scalar,
-        array: &ArrayRef,
-        row: usize,
-    ) -> Option<Result<Option<pg_sys::Datum>, OutError>> {
-        let v: i128 = match self {
-            Fast::Slow => return None,
-            _ if array.is_null(row) => return Some(Ok(None)),
-            Fast::F64(v) => return Some(Ok(Some(pg_sys::Datum::from(v[row].to_bits())))),
-            Fast::F32(v) => {
-                return Some(Ok(Some(pg_sys::Datum::from(v[row].to_bits() as u64))));
-            }
-            Fast::I64(v) => v[row].into(),
-            Fast::I32(v) => v[row].into(),
-            Fast::I16(v) => v[row].into(),
+    /// Nulls from the array's validity, values still to fill.
+    fn with_nulls(array: &dyn Array) -> Decoded {
+        let nulls = match array.nulls() {
+            Some(n) => n.iter().map(|valid| !valid).collect(),
+            None => vec![false; array.len()],
         };
-        Some(
-            match target {
-                Scalar::Int2 => int_datum::<i16>(v),
-                Scalar::Int4 => int_datum::<i32>(v),
-                _ => int_datum::<i64>(v),
+        Decoded {
+            values: Vec::new(),
+            nulls,
+            error: None,
+        }
+    }
+
+    /// Each non-null value through `f`; NULL slots hold 0.
+    fn each<T: Copy>(
+        array: &dyn Array,
+        values: &[T],
+        f: impl Fn(T) -> Result<pg_sys::Datum, OutError>,
+    ) -> Decoded {
+        let mut dec = Decoded::with_nulls(array);
+        let mut out = Vec::with_capacity(values.len());
+        for (i, &v) in values.iter().enumerate() {
+            if dec.nulls[i] {
+                out.push(pg_sys::Datum::from(0usize));
+                continue;
             }
-            .map(Some),
-        )
+            match f(v) {
+                Ok(d) => out.push(d),
+                Err(e) => {
+                    // Rows from here on are never read: the row loop stops at this one.
+                    dec.error = Some((i, e));
+                    out.resize(values.len(), pg_sys::Datum::from(0usize));
+                    break;
+                }
+            }
+        }
+        dec.values = out;
+        dec
+    }
+
+    /// Integers into an integer column, each range-checked for the declared width.
+    fn ints<T: Copy + Into<i64>>(target: Scalar, array: &dyn Array, values: &[T]) -> Decoded {
+        let range = |v: i64| OutError::Range(v.to_string());
+        match target {
+            Scalar::Int2 => Decoded::each(array, values, |v| {
+                let v = v.into();
+                i16::try_from(v)
+                    .map(pg_sys::Datum::from)
+                    .map_err(|_| range(v))
+            }),
+            Scalar::Int4 => Decoded::each(array, values, |v| {
+                let v = v.into();
+                i32::try_from(v)
+                    .map(pg_sys::Datum::from)
+                    .map_err(|_| range(v))
+            }),
+            _ => Decoded::each(array, values, |v| Ok(pg_sys::Datum::from(v.into()))),
+        }
+    }
+
+    /// Utf8 into text: every value of the batch becomes a varlena in one palloc'd block.
+    /// None (the general path) if the block would be too large for one allocation.
+    ///
+    /// # Safety
+    /// Allocates in the current memory context.
+    unsafe fn texts(array: &arrow_array::StringArray) -> Option<Decoded> {
+        const HDR: usize = pg_sys::VARHDRSZ;
+        let mut dec = Decoded::with_nulls(array);
+        let n = array.len();
+        let offsets = array.value_offsets();
+        let bytes = array.value_data();
+        // Every value starts 4-aligned, as a palloc'd varlena with a 4-byte header would.
+        let mut total = 0usize;
+        for i in 0..n {
+            if !dec.nulls[i] {
+                let len = (offsets[i + 1] - offsets[i]) as usize;
+                total += (HDR + len).next_multiple_of(4);
+            }
+        }
+        if total >= MAX_ALLOC_SIZE {
+            return None;
+        }
+        // Text cannot hold NUL; look for one in all the values at once, and per value
+        // only if there is one.
+        let used = &bytes[offsets[0] as usize..offsets[n] as usize];
+        let any_nul = used.contains(&0);
+        // SAFETY: palloc of `total` bytes (below MaxAllocSize) in the current context;
+        // at least 1 so the pointer is valid even when every value is NULL.
+        let block = unsafe { pg_sys::palloc(total.max(1)) } as *mut u8;
+        let mut at = 0usize;
+        dec.values = Vec::with_capacity(n);
+        for i in 0..n {
+            if dec.nulls[i] {
+                dec.values.push(pg_sys::Datum::from(0usize));
+                continue;
+            }
+            let value = &bytes[offsets[i] as usize..offsets[i + 1] as usize];
+            if any_nul && value.contains(&0) {
+                dec.error = Some((i, OutError::Nul));
+                dec.values.resize(n, pg_sys::Datum::from(0usize));
+                break;
+            }
+            // SAFETY: `at + HDR + len` is within the block (the sizes summed above, in
+            // the same order); the header is written as SET_VARSIZE does, then the bytes.
+            unsafe {
+                let p = block.add(at);
+                pgrx::varlena::set_varsize_4b(p.cast(), (HDR + value.len()) as i32);
+                std::ptr::copy_nonoverlapping(value.as_ptr(), p.add(HDR), value.len());
+                dec.values.push(pg_sys::Datum::from(p));
+            }
+            at += (HDR + value.len()).next_multiple_of(4);
+        }
+        Some(dec)
+    }
+
+    /// The value at `row`; the kept error when the row is the one that failed.
+    fn value(&mut self, row: usize) -> Result<Option<pg_sys::Datum>, OutError> {
+        if let Some((bad, _)) = &self.error {
+            if *bad == row {
+                let (_, e) = self.error.take().expect("checked just above");
+                return Err(e);
+            }
+        }
+        Ok((!self.nulls[row]).then(|| self.values[row]))
     }
 }
 
