@@ -950,6 +950,17 @@ def column_to_arrow(series, pg_type, libs):
                 for v in series.tolist()
             ]
             return pa.array(values, from_pandas=False)
+        if base != "uuid":
+            # A column of str and None (text built in pandas) converts in one call.
+            # Every converter below leaves a str as it is (uuid parses it: excluded) and
+            # None is None, so a string result is exactly what the loop would give; any
+            # other value (pd.NA, bytes, numbers) takes the loop.
+            try:
+                arr = pa.array(series.to_numpy(dtype=object), from_pandas=False)
+            except (pa.ArrowException, ValueError, TypeError, OverflowError):
+                arr = None
+            if arr is not None and pa.types.is_string(arr.type):
+                return arr
         convert = output_element_converter(base, libs)
         values = [None if is_missing(v, pd) else convert(v) for v in series.tolist()]
         if base == "uuid" and all(v is None or isinstance(v, bytes) for v in values):
