@@ -573,9 +573,31 @@ impl InputEncoder {
                 self.nulls.as_mut_ptr(),
             )
         };
+        let (values, nulls) = (
+            std::mem::take(&mut self.values),
+            std::mem::take(&mut self.nulls),
+        );
+        // SAFETY: heap_deform_tuple filled natts entries of each from the tuple.
+        let appended = unsafe { self.append_datums(&values[..natts], &nulls[..natts], row) };
+        (self.values, self.nulls) = (values, nulls);
+        appended
+    }
+
+    /// Appends one row given as its Datums (a slot's `tts_values` and `tts_isnull`, or a
+    /// deformed tuple). `row` numbers it (from 1) for messages.
+    ///
+    /// # Safety
+    /// `values` and `nulls` must hold one entry per attribute of the descriptor this
+    /// encoder was planned from, each Datum of its attribute's type unless NULL.
+    pub unsafe fn append_datums(
+        &mut self,
+        values: &[pg_sys::Datum],
+        nulls: &[bool],
+        row: u64,
+    ) -> Result<(), CallError> {
         for col in &mut self.cols {
             let i = col.attno as usize - 1;
-            let (d, isnull) = (self.values[i], self.nulls[i]);
+            let (d, isnull) = (values[i], nulls[i]);
             // SAFETY: d is a Datum of the column's type (or isnull).
             let added = unsafe { append_column(&mut col.encoder, d, isnull) };
             match added {
