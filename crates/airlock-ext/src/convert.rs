@@ -1096,10 +1096,53 @@ impl OutputDecoder {
             .zip(batch.columns())
             .map(|(col, array)| unsafe { Decoded::of(col, array) })
             .collect();
+        let no_domains = self.cols.iter().all(|c| c.domain.is_none());
         let cols = &mut self.cols;
         let converted =
             pgrx::PgTryBuilder::new(std::panic::AssertUnwindSafe(|| -> Result<(), CallError> {
-                for row in 0..batch.num_rows() {
+                // When every column was converted whole and none is a domain, the rows
+                // before the first failed value only need their Datums gathered.
+                let whole: Option<Vec<(&[pg_sys::Datum], &[bool])>> = if no_domains {
+                    decoded
+                        .iter()
+                        .map(|d| d.as_ref().map(|d| (&d.values[..], &d.nulls[..])))
+                        .collect()
+                } else {
+                    None
+                };
+                let clean_rows = match &whole {
+                    Some(_) => decoded
+                        .iter()
+                        .flatten()
+                        .filter_map(|d| d.error.as_ref().map(|(row, _)| *row))
+                        .min()
+                        .unwrap_or(batch.num_rows()),
+                    None => 0,
+                };
+                if let Some(whole) = &whole {
+                    let last = whole.len().saturating_sub(1);
+                    for row in 0..clean_rows {
+                        if row % 4096 == 4095 {
+                            pgrx::check_for_interrupts!();
+                        }
+                        position.set((last, first_row + row as u64 + 1));
+                        for (c, (v, n)) in whole.iter().enumerate() {
+                            values[c] = v[row];
+                            nulls[c] = n[row];
+                        }
+                        // SAFETY: as below.
+                        unsafe {
+                            pg_sys::tuplestore_putvalues(
+                                tupstore,
+                                tupdesc,
+                                values.as_mut_ptr(),
+                                nulls.as_mut_ptr(),
+                            )
+                        };
+                    }
+                }
+                drop(whole);
+                for row in clean_rows..batch.num_rows() {
                     if row % 4096 == 4095 {
                         pgrx::check_for_interrupts!();
                     }
