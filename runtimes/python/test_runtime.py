@@ -258,6 +258,41 @@ OutputDataSet = InputDataSet
         self.assertDone(r, 6)
         self.assertEqual(r.table().column(0).to_pylist(), [1, None, 3] * 2)
 
+    def test_numeric_columns_built_while_batches_arrive_match_one_batch(self):
+        # NULLs first seen in a later batch, NaN beside NULL, many batches (the arrays
+        # grow): the same dtypes and values as the whole input in one batch.
+        whole = typed_input()
+        no_nulls = pa.record_batch(
+            [
+                pa.array([7, 8, 9], pa.int64()),
+                pa.array([7, 8, 9], pa.int64()),
+                pa.array([7, 8, 9], pa.int32()),
+                pa.array([7, 8, 9], pa.int32()),
+                pa.array([7, 8, 9], pa.int16()),
+                pa.array([float("nan"), 0.5, -0.0], pa.float64()),
+                pa.array([False, True, False], pa.bool_()),
+                pa.array([False, True, False], pa.bool_()),
+                pa.array(["x", "y", "z"], pa.string()),
+            ],
+            schema=whole.schema,
+        )
+        batches = [no_nulls, whole] + [no_nulls] * 30
+        script = """
+OutputDataSet = pd.DataFrame({
+    "dtypes": [",".join(str(t) for t in InputDataSet.dtypes)],
+    "values": [repr([InputDataSet[c].tolist() for c in InputDataSet.columns])],
+})
+"""
+        split = run(script, batches)
+        one = run(script, [pa.Table.from_batches(batches).combine_chunks().to_batches()[0]])
+        self.assertDone(split, 1)
+        self.assertDone(one, 1)
+        self.assertEqual(split.table().to_pylist(), one.table().to_pylist())
+        self.assertEqual(
+            split.table().column("dtypes").to_pylist(),
+            ["Int64,int64,Int32,int32,Int16,Float64,boolean,bool,string"],
+        )
+
     def test_no_input(self):
         script = """
 assert isinstance(InputDataSet, pd.DataFrame) and InputDataSet.shape == (0, 0)
