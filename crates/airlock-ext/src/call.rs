@@ -276,7 +276,7 @@ impl Input {
             if !fetched.overflow.is_empty() {
                 // Wide rows or huge values: ship what we have before going on, so a
                 // batch never outgrows the memory budget or a frame.
-                conv.send(data, &encoder.finish_frame()?)?;
+                ship(encoder, data, conv)?;
                 sent_any = true;
                 let first = total + fetched.rows - fetched.overflow.len() as u64;
                 for (i, &tuple) in fetched.overflow.iter().enumerate() {
@@ -292,7 +292,7 @@ impl Input {
                         })
                     }?;
                     if encoder.approx_bytes() >= BATCH_BYTES {
-                        conv.send(data, &encoder.finish_frame()?)?;
+                        ship(encoder, data, conv)?;
                     }
                 }
             }
@@ -303,7 +303,7 @@ impl Input {
             let done = fetched.rows < batch_rows as u64;
             if encoder.rows() > 0 || (done && !sent_any) {
                 // The last batch may be empty: it still carries the schema.
-                conv.send(data, &encoder.finish_frame()?)?;
+                ship(encoder, data, conv)?;
                 sent_any = true;
             }
             if done {
@@ -316,6 +316,18 @@ impl Input {
         // SAFETY: the portal is open and owned by this SPI connection.
         unsafe { pg_sys::SPI_cursor_close(self.portal) };
     }
+}
+
+/// Sends the encoder's rows as one frame, and gives the frame back to write the next.
+fn ship(
+    encoder: &mut InputEncoder,
+    data: &mut Channel,
+    conv: &mut Conversation<'_>,
+) -> Result<(), CallError> {
+    let frame = encoder.finish_frame()?;
+    conv.send(data, &frame)?;
+    encoder.reuse_frame(frame);
+    Ok(())
 }
 
 /// The daemon's side of the call: hello, execute, and the data socket it hands back.

@@ -49,6 +49,9 @@ const TIMESTAMP_MIN: i64 = -211_813_488_000_000_000;
 const TIMESTAMP_END: i64 = 9_223_371_331_200_000_000;
 /// Microseconds in a day: the largest time value (24:00:00).
 const DAY_MICROS: i64 = 86_400_000_000;
+/// Largest buffer the input encoder keeps from one batch to the next; a larger one (a
+/// batch of huge values) is freed.
+const MAX_KEPT_BYTES: usize = 64 << 20;
 /// Postgres' MaxAllocSize: the most one palloc may ask for (1 GB - 1).
 const MAX_ALLOC_SIZE: usize = 0x3fff_ffff;
 
@@ -547,11 +550,10 @@ impl FastEncoder {
         })
     }
 
+    /// The column as an Arrow array; its vectors move into the array, and `recycle`
+    /// takes them back once the batch was encoded.
     fn finish(&mut self) -> ArrayRef {
-        fn take<T>(v: &mut Vec<T>) -> Vec<T> {
-            let cap = v.len();
-            std::mem::replace(v, Vec::with_capacity(cap))
-        }
+        use std::mem::take;
         match self {
             FastEncoder::I16(v, n) => {
                 Arc::new(arrow_array::Int16Array::new(take(v).into(), n.finish()))
@@ -573,11 +575,51 @@ impl FastEncoder {
                 data,
                 nulls,
             } => {
-                let mut fresh = Vec::with_capacity(offsets.len());
-                fresh.push(0);
                 // Offsets start at 0 and never decrease (each is the data length so far).
-                let offsets = OffsetBuffer::new(std::mem::replace(offsets, fresh).into());
-                text_array(offsets, take(data), nulls.finish())
+                let done = OffsetBuffer::new(std::mem::replace(offsets, vec![0]).into());
+                text_array(done, take(data), nulls.finish())
+            }
+        }
+    }
+
+    /// Takes back the vectors `finish` moved into `array`, once nothing else holds them,
+    /// so that the next batch writes into memory already in use instead of fresh pages
+    /// (the kernel zeroes every new page, which cost more than the encoding itself).
+    /// Vectors grown past `MAX_KEPT_BYTES` by huge values are let go.
+    fn recycle(&mut self, array: ArrayRef) {
+        fn back<T: arrow_buffer::ArrowNativeType>(
+            into: &mut Vec<T>,
+            buffer: Option<arrow_buffer::Buffer>,
+        ) {
+            let Some(buffer) = buffer else { return };
+            if buffer.capacity() > MAX_KEPT_BYTES || !into.is_empty() {
+                return;
+            }
+            if let Ok(mut v) = buffer.into_vec::<T>() {
+                v.clear();
+                *into = v;
+            }
+        }
+        let data = array.to_data();
+        drop(array);
+        // Only this function holds the buffers once the array data is dropped.
+        let mut buffers = data.buffers().to_vec().into_iter();
+        drop(data);
+        match self {
+            FastEncoder::I16(v, _) => back(v, buffers.next()),
+            FastEncoder::I32(v, _) => back(v, buffers.next()),
+            FastEncoder::I64(v, _) => back(v, buffers.next()),
+            FastEncoder::F32(v, _) => back(v, buffers.next()),
+            FastEncoder::F64(v, _) => back(v, buffers.next()),
+            FastEncoder::Text { offsets, data, .. } => {
+                if offsets.len() == 1 {
+                    offsets.clear();
+                    back(offsets, buffers.next());
+                    if offsets.is_empty() {
+                        offsets.push(0);
+                    }
+                }
+                back(data, buffers.next());
             }
         }
     }
@@ -607,6 +649,8 @@ pub struct InputEncoder {
     /// Per-row buffers for heap_deform_tuple.
     values: Vec<pg_sys::Datum>,
     nulls: Vec<bool>,
+    /// The last frame sent, to write the next one into.
+    spare_frame: Vec<u8>,
 }
 
 impl InputEncoder {
@@ -678,6 +722,7 @@ impl InputEncoder {
             bytes: 0,
             values: Vec::new(),
             nulls: Vec::new(),
+            spare_frame: Vec::new(),
         })
     }
 
@@ -797,7 +842,22 @@ impl InputEncoder {
             .map_err(|e| internal(format!("building an input batch: {e}")))?;
         self.rows = 0;
         self.bytes = 0;
-        encode_batch(&batch)
+        let frame = encode_batch_into(&batch, std::mem::take(&mut self.spare_frame))?;
+        let (_, arrays, _) = batch.into_parts();
+        for (col, array) in self.cols.iter_mut().zip(arrays) {
+            if let ColumnEncoder::Fast(f) = &mut col.encoder {
+                f.recycle(array);
+            }
+        }
+        Ok(frame)
+    }
+
+    /// Takes back a frame `finish_frame` returned, once it was sent, to write the next
+    /// one into (see `FastEncoder::recycle`).
+    pub fn reuse_frame(&mut self, frame: Vec<u8>) {
+        if frame.capacity() <= MAX_KEPT_BYTES {
+            self.spare_frame = frame;
+        }
     }
 }
 
@@ -917,12 +977,16 @@ fn internal(message: String) -> CallError {
     CallError::Internal { message }
 }
 
-/// Encodes a batch as a complete Arrow frame, written in place after the frame header.
-pub fn encode_batch(batch: &RecordBatch) -> Result<Vec<u8>, CallError> {
-    let buf = airlock_protocol::begin_frame(
-        airlock_protocol::FrameKind::Arrow,
-        batch.get_array_memory_size() + 1024,
-    );
+/// Encodes a batch as a complete Arrow frame, written in place after the frame header,
+/// into `buf` (cleared first) when it has room.
+fn encode_batch_into(batch: &RecordBatch, mut buf: Vec<u8>) -> Result<Vec<u8>, CallError> {
+    let header = airlock_protocol::begin_frame(airlock_protocol::FrameKind::Arrow, 0);
+    let want = header.len() + batch.get_array_memory_size() + 1024;
+    if buf.capacity() < want {
+        buf = Vec::with_capacity(want);
+    }
+    buf.clear();
+    buf.extend_from_slice(&header);
     let mut w = arrow_ipc::writer::StreamWriter::try_new(buf, &batch.schema())
         .map_err(|e| internal(format!("encoding a batch: {e}")))?;
     w.write(batch)
