@@ -790,6 +790,18 @@ fn output_errors_come_in_row_order() -> TestResult {
         &SqlState::CHARACTER_NOT_IN_REPERTOIRE,
         &["row 3", "column 3 (\"t\")", "NUL"],
     )?;
+    // Rows are formed in chunks: a bad value far into a batch is still named by its row.
+    expect_error(
+        Call::new(
+            "python",
+            "i = np.zeros(100000, dtype='int64'); i[69999] = 70000\n\
+             OutputDataSet = pd.DataFrame({'i': i, 'd': ['2024-01-01'] * 100000, 't': ['x'] * 100000})",
+            cols,
+        )
+        .run(&mut c),
+        &SqlState::NUMERIC_VALUE_OUT_OF_RANGE,
+        &["70000", "row 70000", "column 1 (\"i\")"],
+    )?;
     // The same columns with good values: NULLs and values in place.
     let rows = Call::new(
         "python",

@@ -49,6 +49,8 @@ const TIMESTAMP_MIN: i64 = -211_813_488_000_000_000;
 const TIMESTAMP_END: i64 = 9_223_371_331_200_000_000;
 /// Microseconds in a day: the largest time value (24:00:00).
 const DAY_MICROS: i64 = 86_400_000_000;
+/// Output rows are formed in chunks of about this many values (rows × columns).
+const CHUNK_CELLS: usize = 1 << 16;
 /// Largest buffer the input encoder keeps from one batch to the next; a larger one (a
 /// batch of huge values) is freed.
 const MAX_KEPT_BYTES: usize = 64 << 20;
@@ -1108,6 +1110,8 @@ pub struct OutputDecoder {
     max_batch_rows: usize,
     /// Where domain_check keeps its per-column cache: the query's memory context.
     cache_cx: pg_sys::MemoryContext,
+    /// Vectors for converting columns whole, reused from chunk to chunk.
+    pool: Pool,
 }
 
 /// Arrow type names as a pandas or R user knows them.
@@ -1249,6 +1253,7 @@ impl OutputDecoder {
             checked: false,
             max_batch_rows,
             cache_cx,
+            pool: Vec::new(),
         })
     }
 
@@ -1311,6 +1316,37 @@ impl OutputDecoder {
                 ),
             });
         }
+        // In chunks of about CHUNK_CELLS values: the converted columns of a chunk stay in
+        // cache while its rows are formed, and a wide batch never needs more than that.
+        let chunk = (CHUNK_CELLS / self.cols.len().max(1)).max(1);
+        let mut start = 0;
+        while start < batch.num_rows() {
+            let len = chunk.min(batch.num_rows() - start);
+            // SAFETY: forwarded from the caller.
+            unsafe {
+                self.put_rows(
+                    &batch.slice(start, len),
+                    tupstore,
+                    tupdesc,
+                    first_row + start as u64,
+                )
+            }?;
+            start += len;
+        }
+        Ok(())
+    }
+
+    /// `put_batch` for one chunk of rows.
+    ///
+    /// # Safety
+    /// As `put_batch`; the batch's schema was checked.
+    unsafe fn put_rows(
+        &mut self,
+        batch: &RecordBatch,
+        tupstore: *mut pg_sys::Tuplestorestate,
+        tupdesc: pg_sys::TupleDesc,
+        first_row: u64,
+    ) -> Result<(), CallError> {
         let n = self.cols.len();
         let mut values = vec![pg_sys::Datum::from(0usize); n];
         let mut nulls = vec![false; n];
@@ -1320,13 +1356,15 @@ impl OutputDecoder {
         let position = std::panic::AssertUnwindSafe(std::cell::Cell::new((0usize, 0u64)));
         // The common columns are converted whole, ahead of the rows, from their typed
         // buffers (see `Decoded`); the others value by value in the row loop.
-        // SAFETY: every column was checked against its declared type; the Datums are
-        // made in the current (per-batch) memory context, which outlives the loop.
+        let pool = &mut self.pool;
         let mut decoded: Vec<Option<Decoded>> = self
             .cols
             .iter()
             .zip(batch.columns())
-            .map(|(col, array)| unsafe { Decoded::of(col, array) })
+            // SAFETY: every column was checked against its declared type; the Datums
+            // are made in the current (per-batch) memory context, which outlives the
+            // loop.
+            .map(|(col, array)| unsafe { Decoded::of(col, array, pool) })
             .collect();
         let no_domains = self.cols.iter().all(|c| c.domain.is_none());
         let cols = &mut self.cols;
@@ -1430,6 +1468,9 @@ impl OutputDecoder {
                 other => other.rethrow(),
             })
             .execute();
+        for d in decoded.into_iter().flatten() {
+            self.pool.push((d.values, d.nulls));
+        }
         converted.map_err(|e| match e {
             CallError::AtOutputValue {
                 code,
@@ -1494,6 +1535,9 @@ impl OutError {
 /// first value that fails is kept and reported when the row loop reaches it: errors come
 /// in the same order as value by value. Everything else (typmods, arrays, input
 /// functions, other Arrow types) takes the general path ([`column_datum`]).
+/// Vectors of earlier chunks, for `Decoded` to fill again instead of allocating.
+type Pool = Vec<(Vec<pg_sys::Datum>, Vec<bool>)>;
+
 struct Decoded {
     values: Vec<pg_sys::Datum>,
     nulls: Vec<bool>,
@@ -1507,7 +1551,7 @@ impl Decoded {
     /// # Safety
     /// The array's type must have been accepted for the column by `check_schema`. Text
     /// values are palloc'd in the current memory context.
-    unsafe fn of(col: &OutCol, array: &ArrayRef) -> Option<Decoded> {
+    unsafe fn of(col: &OutCol, array: &ArrayRef, pool: &mut Pool) -> Option<Decoded> {
         if col.layout.is_some() || col.target.typmod.is_some() {
             return None;
         }
@@ -1518,52 +1562,61 @@ impl Decoded {
                 target,
                 array,
                 array.as_primitive::<Int64Type>().values(),
+                pool,
             )),
             (Scalar::Int2 | Scalar::Int4 | Scalar::Int8, D::Int32) => Some(Decoded::ints(
                 target,
                 array,
                 array.as_primitive::<Int32Type>().values(),
+                pool,
             )),
             (Scalar::Int2 | Scalar::Int4 | Scalar::Int8, D::Int16) => Some(Decoded::ints(
                 target,
                 array,
                 array.as_primitive::<Int16Type>().values(),
+                pool,
             )),
             (Scalar::Float8, D::Float64) => Some(Decoded::each(
                 array,
                 array.as_primitive::<Float64Type>().values(),
                 |v| Ok(pg_sys::Datum::from(v.to_bits())),
+                pool,
             )),
             (Scalar::Float4, D::Float32) => Some(Decoded::each(
                 array,
                 array.as_primitive::<Float32Type>().values(),
                 |v| Ok(pg_sys::Datum::from(v.to_bits() as u64)),
+                pool,
             )),
             (Scalar::Bool, D::Boolean) => {
                 let bools = array.as_boolean().values();
-                let mut dec = Decoded::with_nulls(array);
-                dec.values = (0..array.len())
-                    .map(|i| pg_sys::Datum::from(bools.value(i)))
-                    .collect();
+                let mut dec = Decoded::with_nulls(array, pool);
+                dec.values
+                    .extend((0..array.len()).map(|i| pg_sys::Datum::from(bools.value(i))));
                 Some(dec)
             }
             // Plain text (no input function: not name; no typmod: checked above).
             (Scalar::Text, D::Utf8) if col.target.input.is_none() => {
                 // SAFETY: forwarded from the caller.
-                unsafe { Decoded::texts(array.as_string::<i32>()) }
+                unsafe { Decoded::texts(array.as_string::<i32>(), pool) }
             }
             _ => None,
         }
     }
 
-    /// Nulls from the array's validity, values still to fill.
-    fn with_nulls(array: &dyn Array) -> Decoded {
-        let nulls = match array.nulls() {
-            Some(n) => n.iter().map(|valid| !valid).collect(),
-            None => vec![false; array.len()],
-        };
+    /// Nulls from the array's validity, values (empty) still to fill; both vectors
+    /// from the pool when it has some.
+    fn with_nulls(array: &dyn Array, pool: &mut Pool) -> Decoded {
+        let (mut values, mut nulls) = pool.pop().unwrap_or_default();
+        values.clear();
+        values.reserve(array.len());
+        nulls.clear();
+        match array.nulls() {
+            Some(n) => nulls.extend(n.iter().map(|valid| !valid)),
+            None => nulls.resize(array.len(), false),
+        }
         Decoded {
-            values: Vec::new(),
+            values,
             nulls,
             error: None,
         }
@@ -1574,9 +1627,10 @@ impl Decoded {
         array: &dyn Array,
         values: &[T],
         f: impl Fn(T) -> Result<pg_sys::Datum, OutError>,
+        pool: &mut Pool,
     ) -> Decoded {
-        let mut dec = Decoded::with_nulls(array);
-        let mut out = Vec::with_capacity(values.len());
+        let mut dec = Decoded::with_nulls(array, pool);
+        let mut out = std::mem::take(&mut dec.values);
         for (i, &v) in values.iter().enumerate() {
             if dec.nulls[i] {
                 out.push(pg_sys::Datum::from(0usize));
@@ -1597,22 +1651,37 @@ impl Decoded {
     }
 
     /// Integers into an integer column, each range-checked for the declared width.
-    fn ints<T: Copy + Into<i64>>(target: Scalar, array: &dyn Array, values: &[T]) -> Decoded {
+    fn ints<T: Copy + Into<i64>>(
+        target: Scalar,
+        array: &dyn Array,
+        values: &[T],
+        pool: &mut Pool,
+    ) -> Decoded {
         let range = |v: i64| OutError::Range(v.to_string());
         match target {
-            Scalar::Int2 => Decoded::each(array, values, |v| {
-                let v = v.into();
-                i16::try_from(v)
-                    .map(pg_sys::Datum::from)
-                    .map_err(|_| range(v))
-            }),
-            Scalar::Int4 => Decoded::each(array, values, |v| {
-                let v = v.into();
-                i32::try_from(v)
-                    .map(pg_sys::Datum::from)
-                    .map_err(|_| range(v))
-            }),
-            _ => Decoded::each(array, values, |v| Ok(pg_sys::Datum::from(v.into()))),
+            Scalar::Int2 => Decoded::each(
+                array,
+                values,
+                |v| {
+                    let v = v.into();
+                    i16::try_from(v)
+                        .map(pg_sys::Datum::from)
+                        .map_err(|_| range(v))
+                },
+                pool,
+            ),
+            Scalar::Int4 => Decoded::each(
+                array,
+                values,
+                |v| {
+                    let v = v.into();
+                    i32::try_from(v)
+                        .map(pg_sys::Datum::from)
+                        .map_err(|_| range(v))
+                },
+                pool,
+            ),
+            _ => Decoded::each(array, values, |v| Ok(pg_sys::Datum::from(v.into())), pool),
         }
     }
 
@@ -1621,9 +1690,9 @@ impl Decoded {
     ///
     /// # Safety
     /// Allocates in the current memory context.
-    unsafe fn texts(array: &arrow_array::StringArray) -> Option<Decoded> {
+    unsafe fn texts(array: &arrow_array::StringArray, pool: &mut Pool) -> Option<Decoded> {
         const HDR: usize = pg_sys::VARHDRSZ;
-        let mut dec = Decoded::with_nulls(array);
+        let mut dec = Decoded::with_nulls(array, pool);
         let n = array.len();
         let offsets = array.value_offsets();
         let bytes = array.value_data();
@@ -1636,6 +1705,7 @@ impl Decoded {
             }
         }
         if total >= MAX_ALLOC_SIZE {
+            pool.push((dec.values, dec.nulls));
             return None;
         }
         // Text cannot hold NUL; look for one in all the values at once, and per value
@@ -1646,7 +1716,6 @@ impl Decoded {
         // at least 1 so the pointer is valid even when every value is NULL.
         let block = unsafe { pg_sys::palloc(total.max(1)) } as *mut u8;
         let mut at = 0usize;
-        dec.values = Vec::with_capacity(n);
         for i in 0..n {
             if dec.nulls[i] {
                 dec.values.push(pg_sys::Datum::from(0usize));
