@@ -415,13 +415,29 @@ def input_chunks(chan, start, libs):
         pending_rows = rest.num_rows
         return to_frame(head)
 
-    def to_frame(table):
+    def to_frame(table, ready=None):
         try:
-            return table_to_frame(table, libs)
+            return table_to_frame(table, libs, ready)
         except (InputError, ProtocolError):
             raise
         except Exception as e:
             raise InputError(f"could not build the input DataFrame: {e}") from None
+
+    # Without rows_per_read the whole input becomes one frame: its bool, integer and
+    # float columns are copied into their final arrays as the batches arrive, while the
+    # backend is still sending, instead of being joined after input_end. Anything
+    # unexpected turns this off and the frame is built from the batches as before.
+    numeric = None
+
+    def add_numeric(batch):
+        nonlocal numeric
+        try:
+            if numeric is None:
+                numeric = numeric_columns(schema, libs)
+            for i, column in numeric.items():
+                column.add(batch.column(i))
+        except Exception:
+            numeric = {}
 
     while True:
         frame = chan.recv_frame()
@@ -451,6 +467,8 @@ def input_chunks(chan, start, libs):
             if batch.num_rows:
                 pending.append(batch)
                 pending_rows += batch.num_rows
+                if per_read is None and numeric != {}:
+                    add_numeric(batch)
         while per_read is not None and pending_rows >= per_read:
             yielded = True
             yield take(per_read)
@@ -460,11 +478,81 @@ def input_chunks(chan, start, libs):
         return
     if schema is None:
         raise ProtocolError("has_input is true, but no input batch (not even an empty one) arrived")
+    if per_read is None and numeric and pending_rows:
+        table = pa.Table.from_batches(pending, schema=schema)
+        yield to_frame(table, {i: column.column() for i, column in numeric.items()})
+        return
     if pending_rows or not yielded:
         yield take(pending_rows)
 
 
-def table_to_frame(table, libs):
+NUMERIC_TYPES = ("bool", "int2", "int4", "int8", "float4", "float8")
+
+
+def numeric_columns(schema, libs):
+    """NumericColumns for the bool, integer and float columns of schema, by index."""
+    return {
+        i: NumericColumn(field_pg_type(field), libs)
+        for i, field in enumerate(schema)
+        if field_pg_type(field) in NUMERIC_TYPES
+    }
+
+
+class NumericColumn:
+    """One bool, integer or float input column, copied batch by batch into one array
+    (grown by doubling), with a NULL mask once a NULL was seen. column() gives what
+    column_to_pandas gives for the same values."""
+
+    def __init__(self, pg_type, libs):
+        self.pg_type = pg_type
+        self.libs = libs
+        self.values = None
+        self.mask = None
+        self.n = 0
+
+    def add(self, chunk):
+        np = self.libs.np
+        k = len(chunk)
+        if chunk.null_count:
+            fill = False if self.pg_type == "bool" else 0
+            # fill_null keeps NaN: only NULL slots are filled, and the mask marks them.
+            values = chunk.fill_null(fill).to_numpy(zero_copy_only=False)
+            mask = chunk.is_null().to_numpy(zero_copy_only=False)
+        else:
+            values = chunk.to_numpy(zero_copy_only=False)
+            mask = None
+        end = self.n + k
+        if self.values is None or end > len(self.values):
+            cap = max(end, 2 * (0 if self.values is None else len(self.values)))
+            grown = np.empty(cap, dtype=values.dtype)
+            if self.n:
+                grown[: self.n] = self.values[: self.n]
+            self.values = grown
+            if self.mask is not None:
+                grown_mask = np.zeros(cap, dtype=bool)
+                grown_mask[: self.n] = self.mask[: self.n]
+                self.mask = grown_mask
+        self.values[self.n : end] = values
+        if mask is not None and self.mask is None:
+            self.mask = np.zeros(len(self.values), dtype=bool)
+        if self.mask is not None:
+            self.mask[self.n : end] = False if mask is None else mask
+        self.n = end
+
+    def column(self):
+        pd = self.libs.pd
+        values = self.values[: self.n]
+        if self.mask is None:
+            return values
+        mask = self.mask[: self.n]
+        if self.pg_type == "bool":
+            return pd.arrays.BooleanArray(values, mask)
+        if self.pg_type.startswith("float"):
+            return pd.arrays.FloatingArray(values, mask)
+        return pd.arrays.IntegerArray(values, mask)
+
+
+def table_to_frame(table, libs, ready=None):
     """Arrow table to DataFrame, each column by its Postgres type (docs/TYPES.md):
 
     bool, int2/4/8      numpy bool/int without NULLs, pandas boolean/Int16/... with
@@ -477,11 +565,15 @@ def table_to_frame(table, libs):
     arrays              object of Python lists, elements as above, None for NULL
     everything else     pyarrow's conversion: bytes, datetime.date, datetime.time,
                         datetime64[us] (with UTC for timestamptz)
-    Column names are kept exactly and in order.
+    Column names are kept exactly and in order. `ready` holds columns already converted
+    (NumericColumn), by index.
     """
     pd = libs.pd
     columns = []
     for i, field in enumerate(table.schema):
+        if ready and i in ready:
+            columns.append(ready[i])
+            continue
         pg_type = field_pg_type(field)
         try:
             columns.append(column_to_pandas(table.column(i), pg_type, libs))
@@ -1003,6 +1095,17 @@ def column_to_arrow(series, pg_type, libs):
                 for v in series.tolist()
             ]
             return pa.array(values, from_pandas=False)
+        if base != "uuid":
+            # A column of str and None (text built in pandas) converts in one call.
+            # Every converter below leaves a str as it is (uuid parses it: excluded) and
+            # None is None, so a string result is exactly what the loop would give; any
+            # other value (pd.NA, bytes, numbers) takes the loop.
+            try:
+                arr = pa.array(series.to_numpy(dtype=object), from_pandas=False)
+            except (pa.ArrowException, ValueError, TypeError, OverflowError):
+                arr = None
+            if arr is not None and pa.types.is_string(arr.type):
+                return arr
         convert = output_element_converter(base, libs)
         values = [None if is_missing(v, pd) else convert(v) for v in series.tolist()]
         if base == "uuid" and all(v is None or isinstance(v, bytes) for v in values):

@@ -258,6 +258,41 @@ OutputDataSet = InputDataSet
         self.assertDone(r, 6)
         self.assertEqual(r.table().column(0).to_pylist(), [1, None, 3] * 2)
 
+    def test_numeric_columns_built_while_batches_arrive_match_one_batch(self):
+        # NULLs first seen in a later batch, NaN beside NULL, many batches (the arrays
+        # grow): the same dtypes and values as the whole input in one batch.
+        whole = typed_input()
+        no_nulls = pa.record_batch(
+            [
+                pa.array([7, 8, 9], pa.int64()),
+                pa.array([7, 8, 9], pa.int64()),
+                pa.array([7, 8, 9], pa.int32()),
+                pa.array([7, 8, 9], pa.int32()),
+                pa.array([7, 8, 9], pa.int16()),
+                pa.array([float("nan"), 0.5, -0.0], pa.float64()),
+                pa.array([False, True, False], pa.bool_()),
+                pa.array([False, True, False], pa.bool_()),
+                pa.array(["x", "y", "z"], pa.string()),
+            ],
+            schema=whole.schema,
+        )
+        batches = [no_nulls, whole] + [no_nulls] * 30
+        script = """
+OutputDataSet = pd.DataFrame({
+    "dtypes": [",".join(str(t) for t in InputDataSet.dtypes)],
+    "values": [repr([InputDataSet[c].tolist() for c in InputDataSet.columns])],
+})
+"""
+        split = run(script, batches)
+        one = run(script, [pa.Table.from_batches(batches).combine_chunks().to_batches()[0]])
+        self.assertDone(split, 1)
+        self.assertDone(one, 1)
+        self.assertEqual(split.table().to_pylist(), one.table().to_pylist())
+        self.assertEqual(
+            split.table().column("dtypes").to_pylist(),
+            ["Int64,int64,Int32,int32,Int16,Float64,boolean,bool,string"],
+        )
+
     def test_no_input(self):
         script = """
 assert isinstance(InputDataSet, pd.DataFrame) and InputDataSet.shape == (0, 0)
@@ -347,6 +382,57 @@ OutputDataSet = pd.DataFrame({
         self.assertTrue(d["nan_float"][0] == 1.0 and d["nan_float"][1] != d["nan_float"][1])  # NaN stays NaN
         self.assertEqual(d["category"], ["a", "b"])
         self.assertIsNone(r.table().schema.metadata)
+
+    def test_object_text_columns_convert_as_value_by_value(self):
+        # str and None convert in one call; anything else in an object column takes the
+        # value-by-value path, with the same results as before.
+        script = """
+OutputDataSet = pd.DataFrame({
+    "plain": pd.Series(["a", None, "ü😀", ""], dtype=object),
+    "np_str": pd.Series([np.str_("x"), "y", None, "z"], dtype=object),
+    "with_na": pd.Series(["a", pd.NA, None, "d"], dtype=object),
+    "json": pd.Series(['{"a": 1}', {"b": [1, 2]}, None, "[]"], dtype=object),
+    "uuid": pd.Series(["00000000-0000-0000-0000-000000000001", None, None, None], dtype=object),
+    "mixed_bytes": pd.Series(["a", b"b", None, "c"], dtype=object),
+})
+"""
+        cols = [
+            {"name": "plain", "type": "text"},
+            {"name": "np_str", "type": "text"},
+            {"name": "with_na", "type": "text"},
+            {"name": "json", "type": "jsonb"},
+            {"name": "uuid", "type": "uuid"},
+            {"name": "mixed_bytes", "type": "text"},
+        ]
+        r = run(script, output_columns=cols)
+        self.assertDone(r, 4)
+        t = r.table()
+        types = {f.name: str(f.type) for f in t.schema}
+        self.assertEqual(
+            types,
+            {
+                "plain": "string",
+                "np_str": "string",
+                "with_na": "string",
+                "json": "string",
+                "uuid": "fixed_size_binary[16]",
+                "mixed_bytes": "binary",
+            },
+        )
+        d = t.to_pydict()
+        self.assertEqual(d["plain"], ["a", None, "ü😀", ""])
+        self.assertEqual(d["np_str"], ["x", "y", None, "z"])
+        self.assertEqual(d["with_na"], ["a", None, None, "d"])
+        self.assertEqual(d["json"], ['{"a": 1}', '{"b": [1, 2]}', None, "[]"])
+        self.assertEqual(d["mixed_bytes"], [b"a", b"b", None, b"c"])
+
+    def test_object_text_column_with_nan_is_still_refused(self):
+        r = run(
+            "OutputDataSet = pd.DataFrame({'s': pd.Series(['a', np.nan], dtype=object)})",
+            output_columns=[{"name": "s", "type": "text"}],
+        )
+        self.assertError(r, "output", "OutputError", 1)
+        self.assertIn("column 1 ('s')", r.error["message"])
 
     def test_output_batches_are_cut_at_output_batch_rows(self):
         r = run("OutputDataSet = pd.DataFrame({'x': range(10)})", output_batch_rows=4)

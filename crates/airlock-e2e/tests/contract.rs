@@ -717,6 +717,110 @@ fn a_hundred_megabyte_value_round_trips() -> TestResult {
     Ok(())
 }
 
+/// Rows that arrive once an input batch is full (about 32 MB) are sent in the next
+/// batches, in order and whole, arrays included.
+fn rows_past_a_full_batch_arrive_in_order() -> TestResult {
+    let script = r#"
+d = InputDataSet
+OutputDataSet = pd.DataFrame({
+    "n": [len(d)],
+    "chars": [int(d.s.str.len().sum())],
+    "ordered": [bool((d.g.diff().dropna() == 1).all())],
+    "first_chars": ["".join(v[0] for v in d.s)],
+    "elems": [int(sum(sum(a) for a in d.a))],
+})
+"#;
+    let rows = Call::new(
+        "python",
+        script,
+        "n int8, chars int8, ordered bool, first_chars text, elems int8",
+    )
+    .input(
+        "SELECT g, repeat(chr(65 + g % 26), 1000000 + g) AS s, ARRAY[g, -g, 1]::int8[] AS a \
+         FROM generate_series(1, 150) g",
+    )
+    .rows(&mut analyst())?;
+    let want: String = (1..=150u8).map(|g| (b'A' + g % 26) as char).collect();
+    let r = &rows[0];
+    ensure(
+        r.get::<_, i64>(0) == 150
+            && r.get::<_, i64>(1) == 150 * 1_000_000 + 150 * 151 / 2
+            && r.get::<_, bool>(2)
+            && r.get::<_, String>(3) == want
+            && r.get::<_, i64>(4) == 150,
+        format!("{r:?}"),
+    )
+}
+
+/// Output columns converted whole (integers, floats, text) and value by value (dates
+/// from text, here) report the first bad value in row order, as one loop would.
+fn output_errors_come_in_row_order() -> TestResult {
+    let mut c = analyst();
+    let cols = "i int2, d date, t text";
+    // Row 2's date is bad, row 3's int2 is out of range: row 2 is reported.
+    expect_error(
+        Call::new(
+            "python",
+            "OutputDataSet = pd.DataFrame({'i': [1, 2, 70000], 'd': ['2024-01-01', 'nope', '2024-01-03'], 't': ['a', 'b', 'c']})",
+            cols,
+        )
+        .run(&mut c),
+        &SqlState::INVALID_DATETIME_FORMAT,
+        &["nope", "row 2", "column 2 (\"d\", date)"],
+    )?;
+    // Row 2's int2 is out of range, row 3's date is bad: row 2 is reported.
+    expect_error(
+        Call::new(
+            "python",
+            "OutputDataSet = pd.DataFrame({'i': [1, 70000, 3], 'd': ['2024-01-01', '2024-01-02', 'nope'], 't': ['a', 'b', 'c']})",
+            cols,
+        )
+        .run(&mut c),
+        &SqlState::NUMERIC_VALUE_OUT_OF_RANGE,
+        &["70000", "row 2", "column 1 (\"i\")"],
+    )?;
+    // A NUL in row 3's text after a bad date in row 4: row 3.
+    expect_error(
+        Call::new(
+            "python",
+            "OutputDataSet = pd.DataFrame({'i': [1, 2, 3, 4], 'd': ['2024-01-01'] * 3 + ['nope'], 't': ['a', None, 'c\\x00d', 'e']})",
+            cols,
+        )
+        .run(&mut c),
+        &SqlState::CHARACTER_NOT_IN_REPERTOIRE,
+        &["row 3", "column 3 (\"t\")", "NUL"],
+    )?;
+    // Rows are formed in chunks: a bad value far into a batch is still named by its row.
+    expect_error(
+        Call::new(
+            "python",
+            "i = np.zeros(100000, dtype='int64'); i[69999] = 70000\n\
+             OutputDataSet = pd.DataFrame({'i': i, 'd': ['2024-01-01'] * 100000, 't': ['x'] * 100000})",
+            cols,
+        )
+        .run(&mut c),
+        &SqlState::NUMERIC_VALUE_OUT_OF_RANGE,
+        &["70000", "row 70000", "column 1 (\"i\")"],
+    )?;
+    // The same columns with good values: NULLs and values in place.
+    let rows = Call::new(
+        "python",
+        "OutputDataSet = pd.DataFrame({'i': pd.array([1, None, -32768], dtype='Int64'), 'd': ['2024-01-01', None, '2024-01-03'], 't': ['a', None, '']})",
+        cols,
+    )
+    .rows(&mut c)?;
+    let got: Vec<(Option<i16>, Option<String>)> =
+        rows.iter().map(|r| (r.get(0), r.get(2))).collect();
+    ensure(
+        got == vec![
+            (Some(1), Some("a".into())),
+            (None, None),
+            (Some(-32768), Some(String::new())),
+        ],
+        format!("{got:?}"),
+    )
+}
+
 /// Values stored compressed or out of line (TOAST) arrive whole, in both directions.
 fn toasted_values_round_trip() -> TestResult {
     let mut c = analyst();
@@ -915,6 +1019,8 @@ fn main() {
         zero_rows_keep_columns_and_types,
         a_thousand_columns_round_trip,
         a_hundred_megabyte_value_round_trips,
+        rows_past_a_full_batch_arrive_in_order,
+        output_errors_come_in_row_order,
         column_count_mismatch_names_both_counts,
         toasted_values_round_trip,
         r_sees_the_documented_types,

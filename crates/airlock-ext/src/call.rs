@@ -27,7 +27,7 @@ use crate::{
     channel::{Channel, Peer},
     convert::{InputEncoder, OutputDecoder},
     error::CallError,
-    gucs, loopback,
+    gucs, loopback, receiver,
 };
 
 /// The name of the role that grants the right to run scripts.
@@ -198,6 +198,8 @@ impl ResultSet {
 struct Input {
     portal: pg_sys::Portal,
     encoder: InputEncoder,
+    /// Memory of one fetch (detoasted copies, rows past a full batch); reset after each.
+    batch_cx: pgrx::PgMemoryContexts,
 }
 
 impl Input {
@@ -234,7 +236,11 @@ impl Input {
                 false,
             );
             let encoder = InputEncoder::new((*portal).tupDesc, "the input query")?;
-            Ok(Input { portal, encoder })
+            Ok(Input {
+                portal,
+                encoder,
+                batch_cx: pgrx::PgMemoryContexts::new("airlock input batch"),
+            })
         }
     }
 
@@ -248,46 +254,56 @@ impl Input {
     ) -> Result<u64, CallError> {
         let mut total = 0u64;
         let mut sent_any = false;
+        let Input {
+            portal,
+            encoder,
+            batch_cx,
+        } = self;
         loop {
-            // SAFETY: the portal is open; SPI_cursor_fetch sets SPI_tuptable and
-            // SPI_processed, which are read here and freed below.
-            let (n, tt) = unsafe {
-                pg_sys::SPI_cursor_fetch(self.portal, true, batch_rows as _);
-                (pg_sys::SPI_processed, pg_sys::SPI_tuptable)
-            };
-            if n > 0 && !tt.is_null() {
-                // SAFETY: SPI_tuptable holds SPI_processed valid tuples and their
-                // descriptor until SPI_freetuptable.
-                let (vals, tupdesc) = unsafe {
-                    (
-                        std::slice::from_raw_parts((*tt).vals, n as usize),
-                        (*tt).tupdesc,
-                    )
-                };
-                for (i, &tuple) in vals.iter().enumerate() {
+            // SAFETY: the portal is open in this SPI connection and the encoder was
+            // planned from its descriptor; batch_cx is reset only below, after the
+            // overflow rows were encoded.
+            let fetched = unsafe {
+                receiver::fetch(
+                    *portal,
+                    encoder,
+                    batch_rows,
+                    total,
+                    BATCH_BYTES,
+                    batch_cx.value(),
+                )
+            }?;
+            if !fetched.overflow.is_empty() {
+                // Wide rows or huge values: ship what we have before going on, so a
+                // batch never outgrows the memory budget or a frame.
+                ship(encoder, data, conv)?;
+                sent_any = true;
+                let first = total + fetched.rows - fetched.overflow.len() as u64;
+                for (i, &tuple) in fetched.overflow.iter().enumerate() {
                     if i % 4096 == 4095 {
                         pgrx::check_for_interrupts!();
                     }
-                    // SAFETY: tuple belongs to the table described by tupdesc, the
-                    // cursor's descriptor the encoder was planned from.
-                    unsafe { self.encoder.append(tuple, tupdesc, total + i as u64 + 1) }?;
-                    if self.encoder.approx_bytes() >= BATCH_BYTES {
-                        // Wide rows or huge values: ship what we have before going on,
-                        // so a batch never outgrows the memory budget or a frame.
-                        conv.send(data, &self.encoder.finish_frame()?)?;
-                        sent_any = true;
+                    // SAFETY: the tuple is a copy of a row of the portal, whose
+                    // descriptor the encoder was planned from; it lives in batch_cx,
+                    // which is current while arrays are deconstructed.
+                    unsafe {
+                        batch_cx.switch_to(|_| {
+                            encoder.append(tuple, (**portal).tupDesc, first + i as u64 + 1)
+                        })
+                    }?;
+                    if encoder.approx_bytes() >= BATCH_BYTES {
+                        ship(encoder, data, conv)?;
                     }
                 }
             }
-            if !tt.is_null() {
-                // SAFETY: the table came from the fetch above and is not used again.
-                unsafe { pg_sys::SPI_freetuptable(tt) };
-            }
-            total += n;
-            let done = n < batch_rows as u64;
-            if self.encoder.rows() > 0 || (done && !sent_any) {
+            // SAFETY: nothing made in batch_cx is used after this point: the encoder
+            // copied every value into its own buffers.
+            unsafe { batch_cx.reset() };
+            total += fetched.rows;
+            let done = fetched.rows < batch_rows as u64;
+            if encoder.rows() > 0 || (done && !sent_any) {
                 // The last batch may be empty: it still carries the schema.
-                conv.send(data, &self.encoder.finish_frame()?)?;
+                ship(encoder, data, conv)?;
                 sent_any = true;
             }
             if done {
@@ -300,6 +316,18 @@ impl Input {
         // SAFETY: the portal is open and owned by this SPI connection.
         unsafe { pg_sys::SPI_cursor_close(self.portal) };
     }
+}
+
+/// Sends the encoder's rows as one frame, and gives the frame back to write the next.
+fn ship(
+    encoder: &mut InputEncoder,
+    data: &mut Channel,
+    conv: &mut Conversation<'_>,
+) -> Result<(), CallError> {
+    let frame = encoder.finish_frame()?;
+    conv.send(data, &frame)?;
+    encoder.reuse_frame(frame);
+    Ok(())
 }
 
 /// The daemon's side of the call: hello, execute, and the data socket it hands back.

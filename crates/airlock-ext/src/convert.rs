@@ -28,7 +28,7 @@ use arrow_array::{
     },
     Array, ArrayRef, ListArray, RecordBatch,
 };
-use arrow_buffer::{NullBufferBuilder, OffsetBuffer};
+use arrow_buffer::{NullBuffer, NullBufferBuilder, OffsetBuffer};
 use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use pgrx::{pg_sys, IntoDatum};
 
@@ -49,6 +49,13 @@ const TIMESTAMP_MIN: i64 = -211_813_488_000_000_000;
 const TIMESTAMP_END: i64 = 9_223_371_331_200_000_000;
 /// Microseconds in a day: the largest time value (24:00:00).
 const DAY_MICROS: i64 = 86_400_000_000;
+/// Output rows are formed in chunks of about this many values (rows × columns).
+const CHUNK_CELLS: usize = 1 << 16;
+/// Largest buffer the input encoder keeps from one batch to the next; a larger one (a
+/// batch of huge values) is freed.
+const MAX_KEPT_BYTES: usize = 64 << 20;
+/// Postgres' MaxAllocSize: the most one palloc may ask for (1 GB - 1).
+const MAX_ALLOC_SIZE: usize = 0x3fff_ffff;
 
 fn scalar_of_base(base: pg_sys::Oid) -> Option<Scalar> {
     Some(match base {
@@ -441,9 +448,189 @@ struct ListEncoder {
     validity: NullBufferBuilder,
 }
 
+/// The common scalar columns, appended to plain vectors with one match per value and
+/// handed to Arrow without a copy: integers, floats, and text-like varlenas (text,
+/// varchar, char, json). Text is checked as UTF-8 once per batch instead of once per
+/// value; a batch with an invalid value (corrupt storage) falls back to replacing the
+/// invalid bytes value by value, exactly as `ScalarEncoder` does. The vectors start each
+/// batch with the previous batch's capacity, so they do not grow value by value.
+enum FastEncoder {
+    I16(Vec<i16>, NullBufferBuilder),
+    I32(Vec<i32>, NullBufferBuilder),
+    I64(Vec<i64>, NullBufferBuilder),
+    F32(Vec<f32>, NullBufferBuilder),
+    F64(Vec<f64>, NullBufferBuilder),
+    Text {
+        offsets: Vec<i32>,
+        data: Vec<u8>,
+        nulls: NullBufferBuilder,
+    },
+}
+
+impl FastEncoder {
+    /// The fast encoder for a scalar type, if it has one.
+    fn new(scalar: Scalar, base_oid: pg_sys::Oid) -> Option<FastEncoder> {
+        let nulls = || NullBufferBuilder::new(0);
+        Some(match scalar {
+            Scalar::Int2 => FastEncoder::I16(Vec::new(), nulls()),
+            Scalar::Int4 => FastEncoder::I32(Vec::new(), nulls()),
+            Scalar::Int8 => FastEncoder::I64(Vec::new(), nulls()),
+            Scalar::Float4 => FastEncoder::F32(Vec::new(), nulls()),
+            Scalar::Float8 => FastEncoder::F64(Vec::new(), nulls()),
+            // name is a NameData, not a varlena: ScalarEncoder's Reader::Name.
+            Scalar::Text | Scalar::Json if base_oid != pg_sys::NAMEOID => FastEncoder::Text {
+                offsets: vec![0],
+                data: Vec::new(),
+                nulls: nulls(),
+            },
+            _ => return None,
+        })
+    }
+
+    /// Appends one value or NULL; returns the bytes it added (as `append_column`).
+    ///
+    /// # Safety
+    /// `d` must be a Datum of this encoder's type unless `isnull`.
+    #[inline]
+    unsafe fn append(&mut self, d: pg_sys::Datum, isnull: bool) -> Result<usize, ValueError> {
+        /// NULL slots hold 0, as Arrow's builders leave them.
+        #[inline]
+        fn push<T: Default>(v: &mut Vec<T>, n: &mut NullBufferBuilder, isnull: bool, x: T) {
+            if isnull {
+                v.push(T::default());
+                n.append_null();
+            } else {
+                v.push(x);
+                n.append_non_null();
+            }
+        }
+        let bits = d.value();
+        Ok(match self {
+            // By-value types, read from the Datum's bits as Postgres' DatumGet* do.
+            FastEncoder::I16(v, n) => {
+                push(v, n, isnull, bits as i16);
+                3
+            }
+            FastEncoder::I32(v, n) => {
+                push(v, n, isnull, bits as i32);
+                5
+            }
+            FastEncoder::I64(v, n) => {
+                push(v, n, isnull, bits as i64);
+                9
+            }
+            FastEncoder::F32(v, n) => {
+                push(v, n, isnull, f32::from_bits(bits as u32));
+                5
+            }
+            FastEncoder::F64(v, n) => {
+                push(v, n, isnull, f64::from_bits(bits as u64));
+                9
+            }
+            FastEncoder::Text {
+                offsets,
+                data,
+                nulls,
+            } => {
+                if isnull {
+                    offsets.push(*offsets.last().unwrap_or(&0));
+                    nulls.append_null();
+                    return Ok(5);
+                }
+                // SAFETY: per the caller, d is a non-null varlena of a text-like type.
+                let text = unsafe { Detoasted::new(d) };
+                let bytes = text.bytes();
+                data.extend_from_slice(bytes);
+                let end = i32::try_from(data.len())
+                    .map_err(|_| "makes one batch hold more than 2 GB of text".to_string())?;
+                offsets.push(end);
+                nulls.append_non_null();
+                // The detoasted copy (if one was made) is freed here, so a batch of huge
+                // values never holds more than one of them.
+                5 + bytes.len()
+            }
+        })
+    }
+
+    /// The column as an Arrow array; its vectors move into the array, and `recycle`
+    /// takes them back once the batch was encoded.
+    fn finish(&mut self) -> ArrayRef {
+        use std::mem::take;
+        match self {
+            FastEncoder::I16(v, n) => {
+                Arc::new(arrow_array::Int16Array::new(take(v).into(), n.finish()))
+            }
+            FastEncoder::I32(v, n) => {
+                Arc::new(arrow_array::Int32Array::new(take(v).into(), n.finish()))
+            }
+            FastEncoder::I64(v, n) => {
+                Arc::new(arrow_array::Int64Array::new(take(v).into(), n.finish()))
+            }
+            FastEncoder::F32(v, n) => {
+                Arc::new(arrow_array::Float32Array::new(take(v).into(), n.finish()))
+            }
+            FastEncoder::F64(v, n) => {
+                Arc::new(arrow_array::Float64Array::new(take(v).into(), n.finish()))
+            }
+            FastEncoder::Text {
+                offsets,
+                data,
+                nulls,
+            } => {
+                // Offsets start at 0 and never decrease (each is the data length so far).
+                let done = OffsetBuffer::new(std::mem::replace(offsets, vec![0]).into());
+                text_array(done, take(data), nulls.finish())
+            }
+        }
+    }
+
+    /// Takes back the vectors `finish` moved into `array`, once nothing else holds them,
+    /// so that the next batch writes into memory already in use instead of fresh pages
+    /// (the kernel zeroes every new page, which cost more than the encoding itself).
+    /// Vectors grown past `MAX_KEPT_BYTES` by huge values are let go.
+    fn recycle(&mut self, array: ArrayRef) {
+        fn back<T: arrow_buffer::ArrowNativeType>(
+            into: &mut Vec<T>,
+            buffer: Option<arrow_buffer::Buffer>,
+        ) {
+            let Some(buffer) = buffer else { return };
+            if buffer.capacity() > MAX_KEPT_BYTES || !into.is_empty() {
+                return;
+            }
+            if let Ok(mut v) = buffer.into_vec::<T>() {
+                v.clear();
+                *into = v;
+            }
+        }
+        let data = array.to_data();
+        drop(array);
+        // Only this function holds the buffers once the array data is dropped.
+        let mut buffers = data.buffers().to_vec().into_iter();
+        drop(data);
+        match self {
+            FastEncoder::I16(v, _) => back(v, buffers.next()),
+            FastEncoder::I32(v, _) => back(v, buffers.next()),
+            FastEncoder::I64(v, _) => back(v, buffers.next()),
+            FastEncoder::F32(v, _) => back(v, buffers.next()),
+            FastEncoder::F64(v, _) => back(v, buffers.next()),
+            FastEncoder::Text { offsets, data, .. } => {
+                if offsets.len() == 1 {
+                    offsets.clear();
+                    back(offsets, buffers.next());
+                    if offsets.is_empty() {
+                        offsets.push(0);
+                    }
+                }
+                back(data, buffers.next());
+            }
+        }
+    }
+}
+
 enum ColumnEncoder {
     Scalar(ScalarEncoder),
     List(ListEncoder),
+    Fast(FastEncoder),
 }
 
 struct InCol {
@@ -464,6 +651,8 @@ pub struct InputEncoder {
     /// Per-row buffers for heap_deform_tuple.
     values: Vec<pg_sys::Datum>,
     nulls: Vec<bool>,
+    /// The last frame sent, to write the next one into.
+    spare_frame: Vec<u8>,
 }
 
 impl InputEncoder {
@@ -512,7 +701,11 @@ impl InputEncoder {
                     }),
                 )
             } else {
-                (value_type, ColumnEncoder::Scalar(scalar))
+                let encoder = match FastEncoder::new(r.pg.scalar, r.scalar_oid) {
+                    Some(fast) => ColumnEncoder::Fast(fast),
+                    None => ColumnEncoder::Scalar(scalar),
+                };
+                (value_type, encoder)
             };
             let metadata = HashMap::from([(TYPE_METADATA_KEY.to_string(), r.pg.to_string())]);
             fields.push(Field::new(a.name.clone(), dt, true).with_metadata(metadata));
@@ -531,6 +724,7 @@ impl InputEncoder {
             bytes: 0,
             values: Vec::new(),
             nulls: Vec::new(),
+            spare_frame: Vec::new(),
         })
     }
 
@@ -571,9 +765,31 @@ impl InputEncoder {
                 self.nulls.as_mut_ptr(),
             )
         };
+        let (values, nulls) = (
+            std::mem::take(&mut self.values),
+            std::mem::take(&mut self.nulls),
+        );
+        // SAFETY: heap_deform_tuple filled natts entries of each from the tuple.
+        let appended = unsafe { self.append_datums(&values[..natts], &nulls[..natts], row) };
+        (self.values, self.nulls) = (values, nulls);
+        appended
+    }
+
+    /// Appends one row given as its Datums (a slot's `tts_values` and `tts_isnull`, or a
+    /// deformed tuple). `row` numbers it (from 1) for messages.
+    ///
+    /// # Safety
+    /// `values` and `nulls` must hold one entry per attribute of the descriptor this
+    /// encoder was planned from, each Datum of its attribute's type unless NULL.
+    pub unsafe fn append_datums(
+        &mut self,
+        values: &[pg_sys::Datum],
+        nulls: &[bool],
+        row: u64,
+    ) -> Result<(), CallError> {
         for col in &mut self.cols {
             let i = col.attno as usize - 1;
-            let (d, isnull) = (self.values[i], self.nulls[i]);
+            let (d, isnull) = (values[i], nulls[i]);
             // SAFETY: d is a Datum of the column's type (or isnull).
             let added = unsafe { append_column(&mut col.encoder, d, isnull) };
             match added {
@@ -603,6 +819,7 @@ impl InputEncoder {
             .map(|(col, field)| -> Result<ArrayRef, CallError> {
                 Ok(match &mut col.encoder {
                     ColumnEncoder::Scalar(s) => s.finish(),
+                    ColumnEncoder::Fast(f) => f.finish(),
                     ColumnEncoder::List(l) => {
                         let values = l.elem.finish();
                         let offsets = std::mem::replace(&mut l.offsets, vec![0]);
@@ -627,7 +844,42 @@ impl InputEncoder {
             .map_err(|e| internal(format!("building an input batch: {e}")))?;
         self.rows = 0;
         self.bytes = 0;
-        encode_batch(&batch)
+        let frame = encode_batch_into(&batch, std::mem::take(&mut self.spare_frame))?;
+        let (_, arrays, _) = batch.into_parts();
+        for (col, array) in self.cols.iter_mut().zip(arrays) {
+            if let ColumnEncoder::Fast(f) = &mut col.encoder {
+                f.recycle(array);
+            }
+        }
+        Ok(frame)
+    }
+
+    /// Takes back a frame `finish_frame` returned, once it was sent, to write the next
+    /// one into (see `FastEncoder::recycle`).
+    pub fn reuse_frame(&mut self, frame: Vec<u8>) {
+        if frame.capacity() <= MAX_KEPT_BYTES {
+            self.spare_frame = frame;
+        }
+    }
+}
+
+/// A utf8 array of text-like values, checked as UTF-8 as a whole; if that fails (only a
+/// corrupt value can), each value's invalid bytes are replaced, as `ScalarEncoder` does.
+fn text_array(offsets: OffsetBuffer<i32>, data: Vec<u8>, nulls: Option<NullBuffer>) -> ArrayRef {
+    let data = arrow_buffer::Buffer::from_vec(data);
+    match arrow_array::StringArray::try_new(offsets.clone(), data.clone(), nulls.clone()) {
+        Ok(array) => Arc::new(array),
+        Err(_) => {
+            let raw = arrow_array::BinaryArray::new(offsets, data, nulls);
+            let mut b = StringBuilder::with_capacity(raw.len(), raw.values().len());
+            for v in raw.iter() {
+                match v {
+                    Some(bytes) => b.append_value(String::from_utf8_lossy(bytes)),
+                    None => b.append_null(),
+                }
+            }
+            Arc::new(b.finish())
+        }
     }
 }
 
@@ -641,6 +893,8 @@ unsafe fn append_column(
     isnull: bool,
 ) -> Result<usize, ValueError> {
     match encoder {
+        // SAFETY: forwarded from the caller.
+        ColumnEncoder::Fast(f) => unsafe { f.append(d, isnull) },
         ColumnEncoder::Scalar(s) => {
             if isnull {
                 s.append_null();
@@ -725,12 +979,16 @@ fn internal(message: String) -> CallError {
     CallError::Internal { message }
 }
 
-/// Encodes a batch as a complete Arrow frame, written in place after the frame header.
-pub fn encode_batch(batch: &RecordBatch) -> Result<Vec<u8>, CallError> {
-    let buf = airlock_protocol::begin_frame(
-        airlock_protocol::FrameKind::Arrow,
-        batch.get_array_memory_size() + 1024,
-    );
+/// Encodes a batch as a complete Arrow frame, written in place after the frame header,
+/// into `buf` (cleared first) when it has room.
+fn encode_batch_into(batch: &RecordBatch, mut buf: Vec<u8>) -> Result<Vec<u8>, CallError> {
+    let header = airlock_protocol::begin_frame(airlock_protocol::FrameKind::Arrow, 0);
+    let want = header.len() + batch.get_array_memory_size() + 1024;
+    if buf.capacity() < want {
+        buf = Vec::with_capacity(want);
+    }
+    buf.clear();
+    buf.extend_from_slice(&header);
     let mut w = arrow_ipc::writer::StreamWriter::try_new(buf, &batch.schema())
         .map_err(|e| internal(format!("encoding a batch: {e}")))?;
     w.write(batch)
@@ -852,6 +1110,8 @@ pub struct OutputDecoder {
     max_batch_rows: usize,
     /// Where domain_check keeps its per-column cache: the query's memory context.
     cache_cx: pg_sys::MemoryContext,
+    /// Vectors for converting columns whole, reused from chunk to chunk.
+    pool: Pool,
 }
 
 /// Arrow type names as a pandas or R user knows them.
@@ -993,6 +1253,7 @@ impl OutputDecoder {
             checked: false,
             max_batch_rows,
             cache_cx,
+            pool: Vec::new(),
         })
     }
 
@@ -1055,6 +1316,37 @@ impl OutputDecoder {
                 ),
             });
         }
+        // In chunks of about CHUNK_CELLS values: the converted columns of a chunk stay in
+        // cache while its rows are formed, and a wide batch never needs more than that.
+        let chunk = (CHUNK_CELLS / self.cols.len().max(1)).max(1);
+        let mut start = 0;
+        while start < batch.num_rows() {
+            let len = chunk.min(batch.num_rows() - start);
+            // SAFETY: forwarded from the caller.
+            unsafe {
+                self.put_rows(
+                    &batch.slice(start, len),
+                    tupstore,
+                    tupdesc,
+                    first_row + start as u64,
+                )
+            }?;
+            start += len;
+        }
+        Ok(())
+    }
+
+    /// `put_batch` for one chunk of rows.
+    ///
+    /// # Safety
+    /// As `put_batch`; the batch's schema was checked.
+    unsafe fn put_rows(
+        &mut self,
+        batch: &RecordBatch,
+        tupstore: *mut pg_sys::Tuplestorestate,
+        tupdesc: pg_sys::TupleDesc,
+        first_row: u64,
+    ) -> Result<(), CallError> {
         let n = self.cols.len();
         let mut values = vec![pg_sys::Datum::from(0usize); n];
         let mut nulls = vec![false; n];
@@ -1062,28 +1354,75 @@ impl OutputDecoder {
         // Errors Postgres raises while converting (input functions, domain checks,
         // length coercions) are caught and raised again saying where the value was.
         let position = std::panic::AssertUnwindSafe(std::cell::Cell::new((0usize, 0u64)));
-        // The common columns, read from their typed buffers without per-value dispatch.
-        let fast: Vec<Fast<'_>> = self
+        // The common columns are converted whole, ahead of the rows, from their typed
+        // buffers (see `Decoded`); the others value by value in the row loop.
+        let pool = &mut self.pool;
+        let mut decoded: Vec<Option<Decoded>> = self
             .cols
             .iter()
             .zip(batch.columns())
-            .map(|(col, array)| Fast::of(col, array))
+            // SAFETY: every column was checked against its declared type; the Datums
+            // are made in the current (per-batch) memory context, which outlives the
+            // loop.
+            .map(|(col, array)| unsafe { Decoded::of(col, array, pool) })
             .collect();
+        let no_domains = self.cols.iter().all(|c| c.domain.is_none());
         let cols = &mut self.cols;
         let converted =
             pgrx::PgTryBuilder::new(std::panic::AssertUnwindSafe(|| -> Result<(), CallError> {
-                for row in 0..batch.num_rows() {
+                // When every column was converted whole and none is a domain, the rows
+                // before the first failed value only need their Datums gathered.
+                let whole: Option<Vec<(&[pg_sys::Datum], &[bool])>> = if no_domains {
+                    decoded
+                        .iter()
+                        .map(|d| d.as_ref().map(|d| (&d.values[..], &d.nulls[..])))
+                        .collect()
+                } else {
+                    None
+                };
+                let clean_rows = match &whole {
+                    Some(_) => decoded
+                        .iter()
+                        .flatten()
+                        .filter_map(|d| d.error.as_ref().map(|(row, _)| *row))
+                        .min()
+                        .unwrap_or(batch.num_rows()),
+                    None => 0,
+                };
+                if let Some(whole) = &whole {
+                    let last = whole.len().saturating_sub(1);
+                    for row in 0..clean_rows {
+                        if row % 4096 == 4095 {
+                            pgrx::check_for_interrupts!();
+                        }
+                        position.set((last, first_row + row as u64 + 1));
+                        for (c, (v, n)) in whole.iter().enumerate() {
+                            values[c] = v[row];
+                            nulls[c] = n[row];
+                        }
+                        // SAFETY: as below.
+                        unsafe {
+                            pg_sys::tuplestore_putvalues(
+                                tupstore,
+                                tupdesc,
+                                values.as_mut_ptr(),
+                                nulls.as_mut_ptr(),
+                            )
+                        };
+                    }
+                }
+                drop(whole);
+                for row in clean_rows..batch.num_rows() {
                     if row % 4096 == 4095 {
                         pgrx::check_for_interrupts!();
                     }
                     let row_number = first_row + row as u64 + 1;
                     for (c, col) in cols.iter_mut().enumerate() {
                         position.set((c, row_number));
-                        let array = batch.column(c);
-                        let value = match fast[c].datum(col.target.scalar, array, row) {
-                            Some(v) => v,
+                        let value = match decoded[c].as_mut() {
+                            Some(dec) => dec.value(row),
                             // SAFETY: the column was checked against the declared type.
-                            None => unsafe { column_datum(col, array, row) },
+                            None => unsafe { column_datum(col, batch.column(c), row) },
                         }
                         .map_err(|e| e.at(col, row_number))?;
                         (values[c], nulls[c]) = match value {
@@ -1129,6 +1468,9 @@ impl OutputDecoder {
                 other => other.rethrow(),
             })
             .execute();
+        for d in decoded.into_iter().flatten() {
+            self.pool.push((d.values, d.nulls));
+        }
         converted.map_err(|e| match e {
             CallError::AtOutputValue {
                 code,
@@ -1186,66 +1528,227 @@ impl OutError {
     }
 }
 
-/// An output column whose values go straight from a typed Arrow buffer to a Datum:
-/// integers into integer columns (range-checked), floats into float columns. Everything
-/// else takes the general path ([`column_datum`]).
-enum Fast<'a> {
-    I64(&'a [i64]),
-    I32(&'a [i32]),
-    I16(&'a [i16]),
-    F64(&'a [f64]),
-    F32(&'a [f32]),
-    Slow,
+/// An output column converted whole, before the row loop, straight from its typed Arrow
+/// buffers: integers into integer columns (range-checked), floats into float columns of
+/// the same width, bools, and utf8 into plain text columns (all of a batch's text values
+/// in one allocation). These conversions never call into Postgres for a value, so the
+/// first value that fails is kept and reported when the row loop reaches it: errors come
+/// in the same order as value by value. Everything else (typmods, arrays, input
+/// functions, other Arrow types) takes the general path ([`column_datum`]).
+/// Vectors of earlier chunks, for `Decoded` to fill again instead of allocating.
+type Pool = Vec<(Vec<pg_sys::Datum>, Vec<bool>)>;
+
+struct Decoded {
+    values: Vec<pg_sys::Datum>,
+    nulls: Vec<bool>,
+    /// The first value that cannot be converted: its row in the batch, and why.
+    error: Option<(usize, OutError)>,
 }
 
-impl<'a> Fast<'a> {
-    fn of(col: &OutCol, array: &'a ArrayRef) -> Fast<'a> {
+impl Decoded {
+    /// Converts `array` whole if its kind allows, else None.
+    ///
+    /// # Safety
+    /// The array's type must have been accepted for the column by `check_schema`. Text
+    /// values are palloc'd in the current memory context.
+    unsafe fn of(col: &OutCol, array: &ArrayRef, pool: &mut Pool) -> Option<Decoded> {
         if col.layout.is_some() || col.target.typmod.is_some() {
-            return Fast::Slow;
+            return None;
         }
         use DataType as D;
-        match (col.target.scalar, array.data_type()) {
-            (Scalar::Int2 | Scalar::Int4 | Scalar::Int8, D::Int64) => {
-                Fast::I64(array.as_primitive::<Int64Type>().values())
+        let target = col.target.scalar;
+        match (target, array.data_type()) {
+            (Scalar::Int2 | Scalar::Int4 | Scalar::Int8, D::Int64) => Some(Decoded::ints(
+                target,
+                array,
+                array.as_primitive::<Int64Type>().values(),
+                pool,
+            )),
+            (Scalar::Int2 | Scalar::Int4 | Scalar::Int8, D::Int32) => Some(Decoded::ints(
+                target,
+                array,
+                array.as_primitive::<Int32Type>().values(),
+                pool,
+            )),
+            (Scalar::Int2 | Scalar::Int4 | Scalar::Int8, D::Int16) => Some(Decoded::ints(
+                target,
+                array,
+                array.as_primitive::<Int16Type>().values(),
+                pool,
+            )),
+            (Scalar::Float8, D::Float64) => Some(Decoded::each(
+                array,
+                array.as_primitive::<Float64Type>().values(),
+                |v| Ok(pg_sys::Datum::from(v.to_bits())),
+                pool,
+            )),
+            (Scalar::Float4, D::Float32) => Some(Decoded::each(
+                array,
+                array.as_primitive::<Float32Type>().values(),
+                |v| Ok(pg_sys::Datum::from(v.to_bits() as u64)),
+                pool,
+            )),
+            (Scalar::Bool, D::Boolean) => {
+                let bools = array.as_boolean().values();
+                let mut dec = Decoded::with_nulls(array, pool);
+                dec.values
+                    .extend((0..array.len()).map(|i| pg_sys::Datum::from(bools.value(i))));
+                Some(dec)
             }
-            (Scalar::Int2 | Scalar::Int4 | Scalar::Int8, D::Int32) => {
-                Fast::I32(array.as_primitive::<Int32Type>().values())
+            // Plain text (no input function: not name; no typmod: checked above).
+            (Scalar::Text, D::Utf8) if col.target.input.is_none() => {
+                // SAFETY: forwarded from the caller.
+                unsafe { Decoded::texts(array.as_string::<i32>(), pool) }
             }
-            (Scalar::Int2 | Scalar::Int4 | Scalar::Int8, D::Int16) => {
-                Fast::I16(array.as_primitive::<Int16Type>().values())
-            }
-            (Scalar::Float8, D::Float64) => Fast::F64(array.as_primitive::<Float64Type>().values()),
-            (Scalar::Float4, D::Float32) => Fast::F32(array.as_primitive::<Float32Type>().values()),
-            _ => Fast::Slow,
+            _ => None,
         }
     }
 
-    /// The value at `row`, or None for the general path.
-    fn datum(
-        &self,
+    /// Nulls from the array's validity, values (empty) still to fill; both vectors
+    /// from the pool when it has some.
+    fn with_nulls(array: &dyn Array, pool: &mut Pool) -> Decoded {
+        let (mut values, mut nulls) = pool.pop().unwrap_or_default();
+        values.clear();
+        values.reserve(array.len());
+        nulls.clear();
+        match array.nulls() {
+            Some(n) => nulls.extend(n.iter().map(|valid| !valid)),
+            None => nulls.resize(array.len(), false),
+        }
+        Decoded {
+            values,
+            nulls,
+            error: None,
+        }
+    }
+
+    /// Each non-null value through `f`; NULL slots hold 0.
+    fn each<T: Copy>(
+        array: &dyn Array,
+        values: &[T],
+        f: impl Fn(T) -> Result<pg_sys::Datum, OutError>,
+        pool: &mut Pool,
+    ) -> Decoded {
+        let mut dec = Decoded::with_nulls(array, pool);
+        let mut out = std::mem::take(&mut dec.values);
+        for (i, &v) in values.iter().enumerate() {
+            if dec.nulls[i] {
+                out.push(pg_sys::Datum::from(0usize));
+                continue;
+            }
+            match f(v) {
+                Ok(d) => out.push(d),
+                Err(e) => {
+                    // Rows from here on are never read: the row loop stops at this one.
+                    dec.error = Some((i, e));
+                    out.resize(values.len(), pg_sys::Datum::from(0usize));
+                    break;
+                }
+            }
+        }
+        dec.values = out;
+        dec
+    }
+
+    /// Integers into an integer column, each range-checked for the declared width.
+    fn ints<T: Copy + Into<i64>>(
         target: Scalar,
-        array: &ArrayRef,
-        row: usize,
-    ) -> Option<Result<Option<pg_sys::Datum>, OutError>> {
-        let v: i128 = match self {
-            Fast::Slow => return None,
-            _ if array.is_null(row) => return Some(Ok(None)),
-            Fast::F64(v) => return Some(Ok(Some(pg_sys::Datum::from(v[row].to_bits())))),
-            Fast::F32(v) => {
-                return Some(Ok(Some(pg_sys::Datum::from(v[row].to_bits() as u64))));
+        array: &dyn Array,
+        values: &[T],
+        pool: &mut Pool,
+    ) -> Decoded {
+        let range = |v: i64| OutError::Range(v.to_string());
+        match target {
+            Scalar::Int2 => Decoded::each(
+                array,
+                values,
+                |v| {
+                    let v = v.into();
+                    i16::try_from(v)
+                        .map(pg_sys::Datum::from)
+                        .map_err(|_| range(v))
+                },
+                pool,
+            ),
+            Scalar::Int4 => Decoded::each(
+                array,
+                values,
+                |v| {
+                    let v = v.into();
+                    i32::try_from(v)
+                        .map(pg_sys::Datum::from)
+                        .map_err(|_| range(v))
+                },
+                pool,
+            ),
+            _ => Decoded::each(array, values, |v| Ok(pg_sys::Datum::from(v.into())), pool),
+        }
+    }
+
+    /// Utf8 into text: every value of the batch becomes a varlena in one palloc'd block.
+    /// None (the general path) if the block would be too large for one allocation.
+    ///
+    /// # Safety
+    /// Allocates in the current memory context.
+    unsafe fn texts(array: &arrow_array::StringArray, pool: &mut Pool) -> Option<Decoded> {
+        const HDR: usize = pg_sys::VARHDRSZ;
+        let mut dec = Decoded::with_nulls(array, pool);
+        let n = array.len();
+        let offsets = array.value_offsets();
+        let bytes = array.value_data();
+        // Every value starts 4-aligned, as a palloc'd varlena with a 4-byte header would.
+        let mut total = 0usize;
+        for i in 0..n {
+            if !dec.nulls[i] {
+                let len = (offsets[i + 1] - offsets[i]) as usize;
+                total += (HDR + len).next_multiple_of(4);
             }
-            Fast::I64(v) => v[row].into(),
-            Fast::I32(v) => v[row].into(),
-            Fast::I16(v) => v[row].into(),
-        };
-        Some(
-            match target {
-                Scalar::Int2 => int_datum::<i16>(v),
-                Scalar::Int4 => int_datum::<i32>(v),
-                _ => int_datum::<i64>(v),
+        }
+        if total >= MAX_ALLOC_SIZE {
+            pool.push((dec.values, dec.nulls));
+            return None;
+        }
+        // Text cannot hold NUL; look for one in all the values at once, and per value
+        // only if there is one.
+        let used = &bytes[offsets[0] as usize..offsets[n] as usize];
+        let any_nul = used.contains(&0);
+        // SAFETY: palloc of `total` bytes (below MaxAllocSize) in the current context;
+        // at least 1 so the pointer is valid even when every value is NULL.
+        let block = unsafe { pg_sys::palloc(total.max(1)) } as *mut u8;
+        let mut at = 0usize;
+        for i in 0..n {
+            if dec.nulls[i] {
+                dec.values.push(pg_sys::Datum::from(0usize));
+                continue;
             }
-            .map(Some),
-        )
+            let value = &bytes[offsets[i] as usize..offsets[i + 1] as usize];
+            if any_nul && value.contains(&0) {
+                dec.error = Some((i, OutError::Nul));
+                dec.values.resize(n, pg_sys::Datum::from(0usize));
+                break;
+            }
+            // SAFETY: `at + HDR + len` is within the block (the sizes summed above, in
+            // the same order); the header is written as SET_VARSIZE does, then the bytes.
+            unsafe {
+                let p = block.add(at);
+                pgrx::varlena::set_varsize_4b(p.cast(), (HDR + value.len()) as i32);
+                std::ptr::copy_nonoverlapping(value.as_ptr(), p.add(HDR), value.len());
+                dec.values.push(pg_sys::Datum::from(p));
+            }
+            at += (HDR + value.len()).next_multiple_of(4);
+        }
+        Some(dec)
+    }
+
+    /// The value at `row`; the kept error when the row is the one that failed.
+    fn value(&mut self, row: usize) -> Result<Option<pg_sys::Datum>, OutError> {
+        if let Some((bad, _)) = &self.error {
+            if *bad == row {
+                let (_, e) = self.error.take().expect("checked just above");
+                return Err(e);
+            }
+        }
+        Ok((!self.nulls[row]).then(|| self.values[row]))
     }
 }
 
@@ -1798,6 +2301,29 @@ mod tests {
         assert_eq!(to_micros(-1, TimeUnit::Nanosecond), Some(0));
         assert_eq!(to_micros(-501, TimeUnit::Nanosecond), Some(-1));
         assert_eq!(to_micros(i64::MAX, TimeUnit::Second), None);
+    }
+
+    #[test]
+    fn text_is_checked_as_utf8_per_batch_and_repaired_per_value() {
+        let offsets = |o: Vec<i32>| OffsetBuffer::new(o.into());
+        // Valid: the bytes as they are, NULLs in place.
+        let a = text_array(
+            offsets(vec![0, 3, 3, 6]),
+            "héllo".as_bytes().to_vec(),
+            Some(NullBuffer::from(vec![true, false, true])),
+        );
+        let a = a.as_string::<i32>();
+        assert_eq!(a.value(0), "h\u{e9}");
+        assert!(a.is_null(1));
+        assert_eq!(a.value(2), "llo");
+        // A value split inside a character, and an invalid byte: each value repaired on
+        // its own, the others untouched.
+        let mut data = "é".as_bytes().to_vec();
+        data.extend_from_slice(b"ok\xff");
+        let a = text_array(offsets(vec![0, 1, 2, 4, 5]), data, None);
+        let a = a.as_string::<i32>();
+        let got: Vec<&str> = (0..4).map(|i| a.value(i)).collect();
+        assert_eq!(got, ["\u{fffd}", "\u{fffd}", "ok", "\u{fffd}"]);
     }
 
     #[test]

@@ -15,6 +15,7 @@ mod error;
 mod gucs;
 mod loopback;
 mod monitor;
+mod receiver;
 
 ::pgrx::pg_module_magic!();
 
