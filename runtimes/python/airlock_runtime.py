@@ -380,8 +380,10 @@ def warm_up(libs):
     )
     table = pa.table([pa.array([1, None]), pa.array([0.5, None]), pa.array(["a", None])], schema=schema)
     frame = table_to_frame(table, libs)
-    # What scripts build most: a frame from a dict of Python lists.
+    # What scripts build most: a frame from a dict of Python lists; and the empty input
+    # frame of a call without input (its constructor imports numpy.rec on first use).
     libs.pd.DataFrame({"i": [1, 2], "f": [0.5, None], "s": ["a", None]})
+    libs.pd.DataFrame()
     start = {
         "output_columns": [{"name": n, "type": pg} for n, _, pg in types],
         "output_params": None,
