@@ -463,9 +463,37 @@ fn a_prepared_sandbox_killed_while_waiting_is_never_used() -> TestResult {
     // refills are done, every sandbox init waiting (pid 1 of its own pid namespace,
     // running as a worker uid; no call runs now) is killed.
     let mut c = analyst();
-    py_text(&mut c, &one("1"))?;
-    thread::sleep(Duration::from_millis(1500));
-    let waiting = sandbox_inits();
+    let uid: u32 = py_text(&mut c, &one("__import__('os').getuid()"))?[0]
+        .parse()
+        .map_err(|_| "uid")?;
+    // The two Python sandboxes of the refill (for this caller's uid) are up once two warm
+    // inits of that uid stay for a while.
+    let python = || -> Vec<i32> {
+        sandbox_inits()
+            .into_iter()
+            .filter(|p| {
+                let warm = fs::read(format!("/proc/{p}/cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains("airlock_warm.py"));
+                let ours = fs::read_to_string(format!("/proc/{p}/status")).is_ok_and(|st| {
+                    st.lines()
+                        .find_map(|l| l.strip_prefix("Uid:"))
+                        .and_then(|v| v.split_whitespace().next()?.parse::<u32>().ok())
+                        == Some(uid)
+                });
+                warm && ours
+            })
+            .collect()
+    };
+    let mut stable = 0;
+    ensure(
+        eventually(Duration::from_secs(20), || {
+            stable = if python().len() >= 2 { stable + 1 } else { 0 };
+            stable >= 5
+        }),
+        "the refill never had two Python sandboxes waiting",
+    )?;
+    thread::sleep(Duration::from_millis(300));
+    let waiting = python();
     ensure(!waiting.is_empty(), "no prepared sandbox to kill")?;
     for pid in &waiting {
         let _ = nix::sys::signal::kill(
@@ -491,7 +519,17 @@ fn a_prepared_sandbox_killed_while_waiting_is_never_used() -> TestResult {
         daemon
             .log()
             .contains("a prepared sandbox died before its call; discarded"),
-        "the dead sandboxes were not discarded",
+        {
+            let log = daemon.log();
+            let lines: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("call started") || l.contains("discarded"))
+                .collect();
+            format!(
+                "the dead sandboxes were not discarded; calls:\n{}",
+                lines[lines.len().saturating_sub(8)..].join("\n")
+            )
+        },
     )
 }
 

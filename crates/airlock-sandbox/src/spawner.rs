@@ -486,17 +486,26 @@ fn stop_zygote(
             send_message(sock, &FromSpawner::Exited { call_id, status }, None)?;
         }
     }
-    let program = zygote.spec.argv.last().cloned().unwrap_or_default();
-    let detail = format!("stopped: {why}; calls start cold until it is restarted");
-    send_message(
+    warm_unavailable(
         sock,
-        &FromSpawner::Warm {
-            program,
-            ready: false,
-            detail,
-        },
-        None,
+        &zygote.spec,
+        format!("stopped: {why}; calls start cold until it is restarted"),
     )
+}
+
+/// Tells the daemon (for its log) that warm starts of `spec` are unavailable, and why.
+fn warm_unavailable(
+    sock: BorrowedFd<'_>,
+    spec: &WarmSpec,
+    detail: String,
+) -> Result<(), SandboxError> {
+    let program = spec.argv.last().cloned().unwrap_or_default();
+    let message = FromSpawner::Warm {
+        program,
+        ready: false,
+        detail,
+    };
+    send_message(sock, &message, None)
 }
 
 /// Starts zygotes of `spec` until it has `spec.count` (none within the backoff after
@@ -514,7 +523,6 @@ fn start_zygotes(
             return Ok(());
         }
     }
-    let program = spec.argv.last().cloned().unwrap_or_default();
     while state.zygotes.iter().filter(|z| z.spec == *spec).count() < spec.count as usize {
         match launch_zygote(spec) {
             Ok((pidfd, zsock)) => {
@@ -531,15 +539,7 @@ fn start_zygotes(
                 state.stopped.retain(|(s, _)| s != spec);
                 state.stopped.push((spec.clone(), now));
                 let detail = format!("not started: {detail}; calls start cold");
-                return send_message(
-                    sock,
-                    &FromSpawner::Warm {
-                        program,
-                        ready: false,
-                        detail,
-                    },
-                    None,
-                );
+                return warm_unavailable(sock, spec, detail);
             }
         }
     }

@@ -341,7 +341,7 @@ impl Prepared {
     /// Reserves one build for (`language`, `uid`) if that uid has fewer than `cap`
     /// sandboxes waiting or being built. The language keeps at most `cap` in all: to make
     /// room it gives up the oldest waiting for another uid (returned, to be killed); if
-    /// every slot is a build under way, nothing is reserved.
+    /// every other slot is a build under way, nothing is reserved.
     fn claim(&self, language: Language, uid: u32, cap: usize) -> Option<Vec<Built>> {
         let mut st = self.lock();
         if st.closed || st.parked(language, Some(uid)) + st.building(language, Some(uid)) >= cap {
@@ -349,22 +349,15 @@ impl Prepared {
         }
         let over =
             (st.parked(language, None) + st.building(language, None) + 1).saturating_sub(cap);
-        let others = st
-            .parked
-            .iter()
-            .filter(|b| b.language == language && b.uid != uid)
-            .count();
+        let evictable = |b: &Built| b.language == language && b.uid != uid;
+        let others = st.parked.iter().filter(|b| evictable(b)).count();
         if over > others {
             // Every other slot is a build under way.
             return None;
         }
         let mut evicted = Vec::new();
         for _ in 0..over {
-            if let Some(i) = st
-                .parked
-                .iter()
-                .position(|b| b.language == language && b.uid != uid)
-            {
+            if let Some(i) = st.parked.iter().position(&evictable) {
                 evicted.extend(st.parked.remove(i));
             }
         }
