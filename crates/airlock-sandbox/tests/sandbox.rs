@@ -15,7 +15,7 @@ use std::sync::Once;
 use std::time::{Duration, Instant};
 
 use airlock_protocol::spawner::{
-    CgroupJoin, ExitStatus, FromSpawner, RoMount, SpawnRequest, ToSpawner,
+    CgroupJoin, ExitStatus, FromSpawner, RoMount, SpawnRequest, ToSpawner, WarmSpec,
 };
 use airlock_sandbox::cgroup::{CgroupLimits, CgroupRoot, CgroupVersion};
 use airlock_sandbox::{
@@ -727,6 +727,68 @@ fn spawner_spawns_reports_exit_kills_and_refuses() {
         "a spawn request carries exactly one fd (the data socket), this one carried 0"
     );
 
+    drop(daemon);
+    thread.join().unwrap().unwrap();
+}
+
+/// A zygote that takes a call and never answers: after the answer deadline the spawner
+/// stops it and fails that call (its data socket went with the zygote), and a call
+/// queued behind it (each zygote holds one call at a time) starts cold instead. Every
+/// call gets exactly one answer. The zygote here is a stand-in speaking the protocol:
+/// it reports ready, then ignores what it is sent.
+#[test]
+fn a_silent_zygote_fails_its_call_and_the_queued_one_starts_cold() {
+    let fx = Fixture::new();
+    let (mut daemon, thread) = Daemon::start();
+    let silent = "import json, os, socket, time\n\
+                  s = socket.socket(fileno=3)\n\
+                  p = json.dumps({'type': 'ready', 'pid': os.getpid()}).encode()\n\
+                  s.send((len(p) + 1).to_bytes(4, 'little') + b'\\x01' + p)\n\
+                  time.sleep(3600)\n";
+    let spec = WarmSpec {
+        argv: vec!["/usr/bin/python3".into(), "-c".into(), silent.into()],
+        env: vec![("PATH".into(), "/usr/bin".into())],
+        count: 1,
+    };
+    send_message(daemon.sock.as_fd(), &ToSpawner::Prepare(spec.clone()), None).unwrap();
+    match daemon.recv() {
+        FromSpawner::Warm { ready: true, .. } => {}
+        other => panic!("expected the stand-in zygote to be ready, got {other:?}"),
+    }
+    let warm = |call_id: u64| {
+        let mut req = fx.request(&sh("echo cold >&3"));
+        req.call_id = call_id;
+        req.warm = Some(spec.clone());
+        req
+    };
+    let started = Instant::now();
+    let _handed = daemon.spawn(warm(20));
+    let queued = daemon.spawn(warm(21));
+    let mut answers = Vec::new();
+    while answers.len() < 3 {
+        match daemon.recv() {
+            FromSpawner::Warm { ready: false, .. } => answers.push("stopped".to_string()),
+            FromSpawner::SpawnFailed { call_id: 20, error } => {
+                assert!(error.contains("stopped while starting"), "{error}");
+                answers.push("20 failed".into());
+            }
+            FromSpawner::Spawned {
+                call_id: 21,
+                warm: false,
+                ..
+            } => answers.push("21 cold".into()),
+            FromSpawner::Exited { call_id: 21, .. } => {}
+            other => panic!("unexpected {other:?} (so far {answers:?})"),
+        }
+    }
+    answers.sort();
+    assert_eq!(answers, ["20 failed", "21 cold", "stopped"]);
+    assert!(
+        started.elapsed() >= Duration::from_secs(9),
+        "the call failed before its answer deadline: {:?}",
+        started.elapsed()
+    );
+    read_until(&queued, "cold\n");
     drop(daemon);
     thread.join().unwrap().unwrap();
 }
