@@ -333,11 +333,6 @@ impl Prepared {
             .collect()
     }
 
-    /// How many sandboxes wait, per language: for monitoring and tests.
-    pub fn count(&self, language: Language) -> usize {
-        self.lock().parked(language, None)
-    }
-
     /// Reserves one build for (`language`, `uid`) if that uid has fewer than `cap`
     /// sandboxes waiting or being built. The language keeps at most `cap` in all: to make
     /// room it gives up the oldest waiting for another uid (returned, to be killed); if
@@ -442,8 +437,12 @@ pub fn refill(daemon: &Arc<Daemon>, language: Language, uid: u32, built_for: Opt
 /// Kills a waiting sandbox, waits for its exit, and removes its cgroup and session
 /// folder before returning.
 pub async fn discard(daemon: &Daemon, b: Built) {
-    let mut b = b;
     daemon.spawner.kill(b.call_id);
+    remove_when_exited(b).await;
+}
+
+/// Waits for a killed sandbox's exit, then removes its cgroup and session folder.
+async fn remove_when_exited(mut b: Built) {
     let _ = (&mut b.exited).await;
     let Built {
         cgroup, session, ..
@@ -467,11 +466,12 @@ pub async fn discard_all(daemon: &Daemon) {
     daemon.prepared.close();
     loop {
         let waiting = daemon.prepared.drain();
+        // All killed first, so they die together.
         for b in &waiting {
             daemon.spawner.kill(b.call_id);
         }
         for b in waiting {
-            discard(daemon, b).await;
+            remove_when_exited(b).await;
         }
         if daemon.prepared.lock().building.is_empty() || Instant::now() > deadline {
             return;
