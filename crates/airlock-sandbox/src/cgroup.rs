@@ -25,8 +25,6 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -176,8 +174,6 @@ pub enum CgroupError {
         value: String,
         source: io::Error,
     },
-    #[error("open cgroup directory {path}: {source}")]
-    OpenDir { path: PathBuf, source: io::Error },
     #[error("list the groups in {path}: {source}")]
     List { path: PathBuf, source: io::Error },
     #[error("send SIGKILL to pid {pid} of cgroup {path}: {source}")]
@@ -426,7 +422,6 @@ impl CgroupRoot {
                 version: self.version,
                 dirs: self.parent.join(name),
                 features: self.features,
-                dir_fd: None,
                 removed: false,
             };
             group.remove()?;
@@ -444,7 +439,6 @@ impl CgroupRoot {
             version: self.version,
             dirs,
             features: self.features,
-            dir_fd: None,
             removed: false,
         };
         // Dropping `group` on an error below removes whatever exists of it; a group that
@@ -470,9 +464,6 @@ impl CgroupRoot {
         }
         for (controller, file, value) in limit_writes(self.version, self.features, limits) {
             write(&group.dirs.of(controller).join(file), &value)?;
-        }
-        if self.version == CgroupVersion::V2 {
-            group.dir_fd = Some(open_dir(&group.dirs.memory)?);
         }
         Ok(group)
     }
@@ -540,7 +531,6 @@ pub struct CallCgroup {
     version: CgroupVersion,
     dirs: Dirs,
     features: Features,
-    dir_fd: Option<OwnedFd>,
     removed: bool,
 }
 
@@ -563,12 +553,6 @@ pub struct CgroupStats {
 impl CallCgroup {
     pub fn version(&self) -> CgroupVersion {
         self.version
-    }
-
-    /// v2: the group's directory, opened `O_DIRECTORY`, for `clone3(CLONE_INTO_CGROUP)`
-    /// (the child starts inside the group). `None` on v1.
-    pub fn v2_dir_fd(&self) -> Option<BorrowedFd<'_>> {
-        self.dir_fd.as_ref().map(AsFd::as_fd)
     }
 
     /// The files a pid is written into to move it into the group: v2 the one
@@ -1054,18 +1038,6 @@ fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
         })
 }
 
-fn open_dir(path: &Path) -> Result<OwnedFd, CgroupError> {
-    OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECTORY)
-        .open(path)
-        .map(OwnedFd::from)
-        .map_err(|source| CgroupError::OpenDir {
-            path: path.to_path_buf(),
-            source,
-        })
-}
-
 fn make_dir(path: &Path) -> io::Result<()> {
     fs::create_dir(path)?;
     #[cfg(test)]
@@ -1403,7 +1375,7 @@ mod tests {
         assert_eq!(text(dir.join("pids.max")), "16");
         assert_eq!(text(dir.join("cpu.max")), "20000 100000");
         assert_eq!(call.procs_files(), vec![dir.join("cgroup.procs")]);
-        assert!(call.v2_dir_fd().is_some());
+        assert_eq!(call.join(), CgroupJoin::V2 { dir: dir.clone() });
 
         assert!(matches!(
             root.create("call-1", &LIMITS),
