@@ -380,6 +380,16 @@ pub fn describe(e: &postgres::Error) -> String {
     }
 }
 
+/// Ends a suite's run: the daemon's log if a case `failed`, then the cluster and the
+/// daemon stopped whatever happened, so nothing outlives the run.
+pub fn stop_suite(cluster: &Cluster, daemon: &Daemon, failed: bool) {
+    if failed {
+        eprintln!("---- airlockd log ----\n{}", daemon.log());
+    }
+    cluster.stop();
+    daemon.stop();
+}
+
 /// Waits up to `limit` for `cond`; returns whether it became true.
 pub fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;

@@ -1030,11 +1030,6 @@ fn main() {
     ];
     let conclusion = libtest_mimic::run(&args, trials);
     let env = env();
-    if conclusion.has_failed() {
-        eprintln!("---- airlockd log ----\n{}", env.daemon.log());
-    }
-    // The cluster and the daemon are stopped whatever happened: nothing outlives the run.
-    env.cluster.stop();
-    env.daemon.stop();
+    airlock_e2e::stop_suite(&env.cluster, &env.daemon, conclusion.has_failed());
     conclusion.exit();
 }

@@ -955,23 +955,11 @@ fn a_runtime_lingering_after_done_is_killed() -> TestResult {
         rows.is_empty() && t0.elapsed() < Duration::from_secs(WALL_LIMIT as u64),
         format!("{} rows after {:?}", rows.len(), t0.elapsed()),
     )?;
-    let cwd = printed_folder(&notices, Duration::from_secs(2))
-        .ok_or("the script's print of its folder never arrived")?;
-    let uuid = cwd.trim_start_matches("/sessions/").to_owned();
-    let host = env().daemon.sessions_dir().join(&uuid);
     // Gone after the grace period (2 s), well before the wall-clock limit would act.
-    ensure(
-        eventually(Duration::from_secs(WALL_LIMIT as u64 - 1), || {
-            !host.exists()
-        }),
-        format!("{} still exists", host.display()),
-    )?;
-    let group = format!("call-{uuid}");
-    ensure(
-        eventually(Duration::from_secs(5), || {
-            find_dir("/sys/fs/cgroup".as_ref(), &group, 8).is_none()
-        }),
-        format!("cgroup {group} is left"),
+    call_leftovers_gone(
+        &notices,
+        Duration::from_secs(2),
+        Duration::from_secs(WALL_LIMIT as u64 - 1),
     )
 }
 
@@ -979,12 +967,22 @@ fn a_runtime_lingering_after_done_is_killed() -> TestResult {
 /// host, and neither does the call's cgroup (which cannot be removed while any process
 /// of the call is left in it).
 fn session_folder_gone(notices: &airlock_e2e::Notices) -> TestResult {
-    let cwd = printed_folder(notices, Duration::ZERO)
+    call_leftovers_gone(notices, Duration::ZERO, Duration::from_secs(2))
+}
+
+/// As [`session_folder_gone`], waiting up to `print_wait` for the folder's NOTICE and up
+/// to `folder_wait` for the folder to go.
+fn call_leftovers_gone(
+    notices: &airlock_e2e::Notices,
+    print_wait: Duration,
+    folder_wait: Duration,
+) -> TestResult {
+    let cwd = printed_folder(notices, print_wait)
         .ok_or("the script's print of its folder never arrived")?;
     let uuid = cwd.trim_start_matches("/sessions/");
     let host = env().daemon.sessions_dir().join(uuid);
     ensure(
-        eventually(Duration::from_secs(2), || !host.exists()),
+        eventually(folder_wait, || !host.exists()),
         format!("{} still exists", host.display()),
     )?;
     let group = format!("call-{uuid}");
@@ -1788,10 +1786,6 @@ fn main() {
         trials.push(Trial::test(name, move || escape(&expr, &want)));
     }
     let conclusion = libtest_mimic::run(&args, trials);
-    if conclusion.has_failed() {
-        eprintln!("---- airlockd log ----\n{}", env.daemon.log());
-    }
-    env.cluster.stop();
-    env.daemon.stop();
+    airlock_e2e::stop_suite(&env.cluster, &env.daemon, conclusion.has_failed());
     conclusion.exit();
 }

@@ -698,8 +698,8 @@ fn main() {
         trials![a_killed_interpreter_falls_back_to_cold_then_recovers],
     );
     let env = env();
-    env.cluster.stop();
-    env.daemon.stop();
+    let failed = conclusion.has_failed() || last.has_failed();
+    airlock_e2e::stop_suite(&env.cluster, &env.daemon, failed);
     conclusion.exit_if_failed();
     last.exit_if_failed();
 }
