@@ -468,32 +468,9 @@ fn a_prepared_sandbox_killed_while_waiting_is_never_used() -> TestResult {
         .map_err(|_| "uid")?;
     // The two Python sandboxes of the refill (for this caller's uid) are up once two warm
     // inits of that uid stay for a while.
-    let python = || -> Vec<i32> {
-        sandbox_inits()
-            .into_iter()
-            .filter(|p| {
-                let warm = fs::read(format!("/proc/{p}/cmdline"))
-                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains("airlock_warm.py"));
-                let ours = fs::read_to_string(format!("/proc/{p}/status")).is_ok_and(|st| {
-                    st.lines()
-                        .find_map(|l| l.strip_prefix("Uid:"))
-                        .and_then(|v| v.split_whitespace().next()?.parse::<u32>().ok())
-                        == Some(uid)
-                });
-                warm && ours
-            })
-            .collect()
-    };
-    let mut stable = 0;
-    ensure(
-        eventually(Duration::from_secs(20), || {
-            stable = if python().len() >= 2 { stable + 1 } else { 0 };
-            stable >= 5
-        }),
-        "the refill never had two Python sandboxes waiting",
-    )?;
+    two_python_sandboxes_wait(uid)?;
     thread::sleep(Duration::from_millis(300));
-    let waiting = python();
+    let waiting = python_inits(uid);
     ensure(!waiting.is_empty(), "no prepared sandbox to kill")?;
     for pid in &waiting {
         let _ = nix::sys::signal::kill(
@@ -531,6 +508,82 @@ fn a_prepared_sandbox_killed_while_waiting_is_never_used() -> TestResult {
             )
         },
     )
+}
+
+/// A call that takes a prepared sandbox while another waits for its uid prepares the
+/// next one once it has ended, not while it runs: the build would take a core from it.
+/// Watched here as processes: during a call of two seconds the uid has its call's
+/// sandbox and the one still waiting, no third; after the call, two wait again.
+fn a_call_prepares_the_next_sandbox_once_it_has_ended() -> TestResult {
+    let mut c = analyst();
+    let uid: u32 = py_text(&mut c, &one("__import__('os').getuid()"))?[0]
+        .parse()
+        .map_err(|_| "uid")?;
+    two_python_sandboxes_wait(uid)?;
+    let call = thread::spawn(move || {
+        let mut c = analyst();
+        py_text(
+            &mut c,
+            &one("(__import__('time').sleep(2), __import__('os').getuid())[1]"),
+        )
+    });
+    // Watched from well after the hand-over (a build takes tens of ms) to before the end.
+    thread::sleep(Duration::from_millis(500));
+    let mut most = 0;
+    for _ in 0..10 {
+        most = most.max(python_inits(uid).len());
+        thread::sleep(Duration::from_millis(100));
+    }
+    let out = call.join().map_err(|_| "the call's thread panicked")??;
+    ensure(
+        out == [uid.to_string()],
+        format!("the call ran as uid {out:?}, the caller's sandboxes wait for {uid}"),
+    )?;
+    ensure(
+        most == 2,
+        format!(
+            "during the call uid {uid} had {most} Python sandboxes: 2 expected (the call's \
+             and one waiting); 3 means the next was prepared while the call ran"
+        ),
+    )?;
+    two_python_sandboxes_wait(uid)
+}
+
+/// Waits (up to 20 s) until two Python sandboxes wait for `uid` and stay.
+fn two_python_sandboxes_wait(uid: u32) -> TestResult {
+    let mut stable = 0;
+    ensure(
+        eventually(Duration::from_secs(20), || {
+            stable = if python_inits(uid).len() == 2 {
+                stable + 1
+            } else {
+                0
+            };
+            stable >= 5
+        }),
+        format!(
+            "uid {uid} never had two Python sandboxes waiting (it has {})",
+            python_inits(uid).len()
+        ),
+    )
+}
+
+/// Host pids of Python sandbox inits (cloned from the warm interpreter) running as `uid`.
+fn python_inits(uid: u32) -> Vec<i32> {
+    sandbox_inits()
+        .into_iter()
+        .filter(|p| {
+            let warm = fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("airlock_warm.py"));
+            let ours = fs::read_to_string(format!("/proc/{p}/status")).is_ok_and(|st| {
+                st.lines()
+                    .find_map(|l| l.strip_prefix("Uid:"))
+                    .and_then(|v| v.split_whitespace().next()?.parse::<u32>().ok())
+                    == Some(uid)
+            });
+            warm && ours
+        })
+        .collect()
 }
 
 /// Host pids of sandbox inits running as a worker uid of this suite's daemon.
@@ -688,6 +741,7 @@ fn main() {
         calls_take_sandboxes_prepared_ahead,
         a_sandbox_prepared_under_one_caller_never_serves_another,
         a_prepared_sandbox_killed_while_waiting_is_never_used,
+        a_call_prepares_the_next_sandbox_once_it_has_ended,
         stopping_the_daemon_removes_its_prepared_sandboxes,
     ];
     let mut args = args;

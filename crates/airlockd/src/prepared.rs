@@ -321,6 +321,12 @@ impl Prepared {
         (found, stale)
     }
 
+    /// How many sandboxes of `language` wait for `uid` now (dead ones not yet met by
+    /// `take` included).
+    pub fn waiting(&self, language: Language, uid: u32) -> usize {
+        self.lock().parked(language, Some(uid))
+    }
+
     /// Worker uids with a sandbox of `language` waiting that `caller` may take if it
     /// gets that uid.
     pub fn uids(&self, language: Language, caller: &CallerKey) -> BTreeSet<u32> {

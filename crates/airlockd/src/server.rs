@@ -333,7 +333,10 @@ async fn execute(
             .await;
     };
     // The sandbox: one prepared for this worker uid, else built now. Either way one
-    // more is prepared behind it.
+    // more is prepared behind it: at once when no other waits for this uid, else once
+    // this call has ended. A build (a clone of the interpreter, then its warm-up) takes
+    // more CPU than a trivial call; run beside the call it took a core from it (on two
+    // cores a trivial call's median went from about 3.8 to 5.7 ms at 10 calls/s).
     let (taken, stale) = daemon.prepared.take(language, worker.uid, &key);
     for b in stale {
         tracing::info!(
@@ -343,10 +346,14 @@ async fn execute(
         let daemon = daemon.clone();
         tokio::spawn(async move { prepared::discard(&daemon, b).await });
     }
-    prepared::refill(daemon, language, worker.uid, Some(key));
+    let uid = worker.uid;
+    let refill_after = taken.is_some() && daemon.prepared.waiting(language, uid) > 0;
+    if !refill_after {
+        prepared::refill(daemon, language, uid, Some(key.clone()));
+    }
     let session_id = taken.as_ref().map_or_else(Uuid::new_v4, |b| b.session_id);
     let span = tracing::info_span!("call", %session_id, uid = worker.uid);
-    run_call(
+    let ended = run_call(
         conn,
         daemon,
         language,
@@ -357,7 +364,11 @@ async fn execute(
         script_sha256,
     )
     .instrument(span)
-    .await
+    .await;
+    if refill_after {
+        prepared::refill(daemon, language, uid, Some(key));
+    }
+    ended
 }
 
 #[allow(clippy::too_many_arguments)] // one call's identity, passed once from execute()
