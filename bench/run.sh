@@ -6,7 +6,9 @@
 #
 # Environment: BENCH_ROWS (default 1000000), BENCH_REPS (repetitions of the large
 # measures, default 3), BENCH_CALLS (trivial calls per measure, default 50),
-# BENCH_CONC_SECONDS (the 20-client run, default 20; 0 skips it), BENCH_WARM_POOL and
+# BENCH_CONC_SECONDS (the 20-client run, default 20; 0 skips it), BENCH_PACED_RATE and
+# BENCH_PACED_SECONDS (the paced latency measures: one client starting calls at this mean
+# rate, default 10 a second, for this long, default 20 s), BENCH_WARM_POOL and
 # BENCH_PREPARED (the daemon's [runtimes.python] warm_pool and prepared, default the
 # daemon's defaults, 2 and 2; warm_pool 0 measures cold starts, prepared 0 builds every
 # sandbox when its call arrives),
