@@ -30,6 +30,8 @@ struct State {
     /// Calls waiting for a worker: while any wait, a newcomer does not take a freed uid
     /// ahead of them.
     waiting: usize,
+    /// How many times each uid went from free to a caller (see [`WorkerPool::tenure`]).
+    tenures: HashMap<u32, u64>,
 }
 
 /// The pool; cheap to share.
@@ -46,6 +48,7 @@ impl WorkerPool {
                 free: uids.into_iter().collect(),
                 held: HashMap::new(),
                 waiting: 0,
+                tenures: HashMap::new(),
             })),
             freed: Arc::new(Notify::new()),
         }
@@ -78,6 +81,7 @@ impl WorkerPool {
             None => st.free.pop_first()?,
         };
         st.held.insert(caller.clone(), (uid, 1));
+        *st.tenures.entry(uid).or_default() += 1;
         Some(self.lease(caller, uid))
     }
 
@@ -129,6 +133,19 @@ impl WorkerPool {
                 self.freed.notify_waiters();
             }
         }
+    }
+
+    /// Who holds `uid` now, and its tenure: a count that grows each time the uid goes
+    /// from free to a caller. While the tenure stays the same, the uid's scripts were all
+    /// the holder's (or there were none).
+    pub fn tenure(&self, uid: u32) -> (u64, Option<CallerKey>) {
+        let st = self.lock();
+        let holder = st
+            .held
+            .iter()
+            .find(|(_, (u, _))| *u == uid)
+            .map(|(k, _)| k.clone());
+        (st.tenures.get(&uid).copied().unwrap_or(0), holder)
     }
 
     /// Workers held right now, by caller: for monitoring and tests.
@@ -206,6 +223,27 @@ mod tests {
         drop(a2);
         let c = pool.try_acquire(&key("c"), &none()).unwrap();
         assert_ne!(c.uid, b.uid);
+    }
+
+    #[test]
+    fn a_uids_tenure_changes_only_when_it_goes_from_free_to_a_caller() {
+        let pool = WorkerPool::new([10]);
+        assert_eq!(pool.tenure(10), (0, None));
+        let a1 = pool.try_acquire(&key("a"), &none()).unwrap();
+        let (t, holder) = pool.tenure(10);
+        assert_eq!(holder, Some(key("a")));
+        // More calls of the same holder, and its calls ending one by one, keep it.
+        let a2 = pool.try_acquire(&key("a"), &none()).unwrap();
+        drop(a1);
+        assert_eq!(pool.tenure(10), (t, Some(key("a"))));
+        drop(a2);
+        assert_eq!(pool.tenure(10), (t, None), "freed: same tenure, no holder");
+        // The same caller again, or another one: a new tenure either way.
+        let a3 = pool.try_acquire(&key("a"), &none()).unwrap();
+        assert_eq!(pool.tenure(10).0, t + 1);
+        drop(a3);
+        let _b = pool.try_acquire(&key("b"), &none()).unwrap();
+        assert_eq!(pool.tenure(10), (t + 2, Some(key("b"))));
     }
 
     #[test]

@@ -224,6 +224,15 @@ pub async fn build(
     })
 }
 
+/// How a build ended in the store.
+enum Finished {
+    Parked,
+    /// The daemon is stopping.
+    Closed(Built),
+    /// Its worker uid went to another caller while it was built.
+    Stale(Built),
+}
+
 /// The sandboxes waiting for calls, and the builds under way.
 #[derive(Default)]
 pub struct Prepared {
@@ -367,17 +376,28 @@ impl Prepared {
     }
 
     /// Ends a build reserved by [`claim`](Self::claim) by parking what it built; once
-    /// closed, hands it back instead, still counted as a build until
-    /// [`unclaim`](Self::unclaim) after it is discarded.
-    fn finish(&self, language: Language, uid: u32, built: Built) -> Option<Built> {
+    /// closed, or if its uid changed hands while it was built, hands it back instead,
+    /// still counted as a build until [`unclaim`](Self::unclaim) after it is discarded.
+    /// `unchanged` is asked under the store's lock, so that no call takes the uid's
+    /// sandboxes between the answer and the parking.
+    fn finish(
+        &self,
+        language: Language,
+        uid: u32,
+        built: Built,
+        unchanged: impl FnOnce() -> bool,
+    ) -> Finished {
         let mut st = self.lock();
         if st.closed {
-            return Some(built);
+            return Finished::Closed(built);
+        }
+        if !unchanged() {
+            return Finished::Stale(built);
         }
         st.parked.push_back(built);
         drop(st);
         self.unclaim(language, uid);
-        None
+        Finished::Parked
     }
 
     /// Ends a build reserved by [`claim`](Self::claim) without parking anything.
@@ -417,21 +437,41 @@ pub fn refill(daemon: &Arc<Daemon>, language: Language, uid: u32, built_for: Opt
         return;
     };
     tracing::debug!(%language, uid, evicted = evicted.len(), "preparing a sandbox");
+    // The sandbox waits while the uid's holder runs scripts as it, so it is bound to the
+    // holder if there is one now; if the uid changes hands before it is parked, it has
+    // shared the uid with another caller too and is discarded.
+    let (tenure, holder) = daemon.pool.tenure(uid);
+    let built_for = holder.or(built_for);
     let daemon = daemon.clone();
     tokio::spawn(async move {
         for b in evicted {
             discard(&daemon, b).await;
         }
         match build(&daemon, language, uid, built_for.clone(), Uuid::new_v4()).await {
-            Ok(b) => match daemon.prepared.finish(language, uid, b) {
-                None => refill(&daemon, language, uid, built_for),
-                Some(late) => {
-                    // The daemon is stopping: removed before the build counts as done,
-                    // so shutdown waits for it.
-                    discard(&daemon, late).await;
-                    daemon.prepared.unclaim(language, uid);
+            Ok(b) => {
+                let pool = &daemon.pool;
+                match daemon
+                    .prepared
+                    .finish(language, uid, b, || pool.tenure(uid).0 == tenure)
+                {
+                    Finished::Parked => refill(&daemon, language, uid, built_for),
+                    Finished::Stale(b) => {
+                        tracing::info!(
+                            call_id = b.call_id,
+                            uid,
+                            "the worker uid went to another caller while a sandbox was prepared for it; discarded"
+                        );
+                        discard(&daemon, b).await;
+                        daemon.prepared.unclaim(language, uid);
+                    }
+                    Finished::Closed(late) => {
+                        // The daemon is stopping: removed before the build counts as
+                        // done, so shutdown waits for it.
+                        discard(&daemon, late).await;
+                        daemon.prepared.unclaim(language, uid);
+                    }
                 }
-            },
+            }
             Err(e) => {
                 daemon.prepared.unclaim(language, uid);
                 tracing::warn!(%language, uid, error = %e, "cannot prepare a sandbox");
