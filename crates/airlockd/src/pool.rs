@@ -30,8 +30,9 @@ struct State {
     /// Calls waiting for a worker: while any wait, a newcomer does not take a freed uid
     /// ahead of them.
     waiting: usize,
-    /// How many times each uid went from free to a caller (see [`WorkerPool::tenure`]).
-    tenures: HashMap<u32, u64>,
+    /// Each uid's last holder, and how many times the uid went to a caller other than
+    /// its last holder (see [`WorkerPool::tenure`]).
+    tenures: HashMap<u32, (u64, CallerKey)>,
 }
 
 /// The pool; cheap to share.
@@ -81,7 +82,16 @@ impl WorkerPool {
             None => st.free.pop_first()?,
         };
         st.held.insert(caller.clone(), (uid, 1));
-        *st.tenures.entry(uid).or_default() += 1;
+        match st.tenures.get_mut(&uid) {
+            Some((n, last)) if last != caller => {
+                *n += 1;
+                *last = caller.clone();
+            }
+            Some(_) => {}
+            None => {
+                st.tenures.insert(uid, (1, caller.clone()));
+            }
+        }
         Some(self.lease(caller, uid))
     }
 
@@ -135,17 +145,15 @@ impl WorkerPool {
         }
     }
 
-    /// Who holds `uid` now, and its tenure: a count that grows each time the uid goes
-    /// from free to a caller. While the tenure stays the same, the uid's scripts were all
-    /// the holder's (or there were none).
+    /// The caller whose scripts ran as `uid` last (it may hold the uid now), and the
+    /// uid's tenure: a count that grows each time the uid goes to a caller other than
+    /// its last holder. While the tenure stays the same, every script that ran as the
+    /// uid was that caller's.
     pub fn tenure(&self, uid: u32) -> (u64, Option<CallerKey>) {
-        let st = self.lock();
-        let holder = st
-            .held
-            .iter()
-            .find(|(_, (u, _))| *u == uid)
-            .map(|(k, _)| k.clone());
-        (st.tenures.get(&uid).copied().unwrap_or(0), holder)
+        self.lock()
+            .tenures
+            .get(&uid)
+            .map_or((0, None), |(n, last)| (*n, Some(last.clone())))
     }
 
     /// Workers held right now, by caller: for monitoring and tests.
@@ -226,24 +234,24 @@ mod tests {
     }
 
     #[test]
-    fn a_uids_tenure_changes_only_when_it_goes_from_free_to_a_caller() {
+    fn a_uids_tenure_changes_only_when_another_caller_takes_it() {
         let pool = WorkerPool::new([10]);
         assert_eq!(pool.tenure(10), (0, None));
         let a1 = pool.try_acquire(&key("a"), &none()).unwrap();
-        let (t, holder) = pool.tenure(10);
-        assert_eq!(holder, Some(key("a")));
-        // More calls of the same holder, and its calls ending one by one, keep it.
+        let (t, last) = pool.tenure(10);
+        assert_eq!(last, Some(key("a")));
+        // More calls of the same caller, its calls ending, the uid freed and taken by
+        // the same caller again: one tenure.
         let a2 = pool.try_acquire(&key("a"), &none()).unwrap();
         drop(a1);
-        assert_eq!(pool.tenure(10), (t, Some(key("a"))));
         drop(a2);
-        assert_eq!(pool.tenure(10), (t, None), "freed: same tenure, no holder");
-        // The same caller again, or another one: a new tenure either way.
+        assert_eq!(pool.tenure(10), (t, Some(key("a"))), "freed: still a's");
         let a3 = pool.try_acquire(&key("a"), &none()).unwrap();
-        assert_eq!(pool.tenure(10).0, t + 1);
+        assert_eq!(pool.tenure(10), (t, Some(key("a"))));
         drop(a3);
+        // Another caller: a new tenure.
         let _b = pool.try_acquire(&key("b"), &none()).unwrap();
-        assert_eq!(pool.tenure(10), (t + 2, Some(key("b"))));
+        assert_eq!(pool.tenure(10), (t + 1, Some(key("b"))));
     }
 
     #[test]

@@ -437,11 +437,12 @@ pub fn refill(daemon: &Arc<Daemon>, language: Language, uid: u32, built_for: Opt
         return;
     };
     tracing::debug!(%language, uid, evicted = evicted.len(), "preparing a sandbox");
-    // The sandbox waits while the uid's holder runs scripts as it, so it is bound to the
-    // holder if there is one now; if the uid changes hands before it is parked, it has
-    // shared the uid with another caller too and is discarded.
-    let (tenure, holder) = daemon.pool.tenure(uid);
-    let built_for = holder.or(built_for);
+    // The sandbox shares the uid with the caller whose scripts ran as it last (and may
+    // run as it while the sandbox waits): it is bound to that caller. If the uid goes to
+    // another caller before it is parked, it has shared the uid with that one too and
+    // is discarded.
+    let (tenure, last) = daemon.pool.tenure(uid);
+    let built_for = last.or(built_for);
     let daemon = daemon.clone();
     tokio::spawn(async move {
         for b in evicted {
