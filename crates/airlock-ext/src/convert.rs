@@ -1657,30 +1657,11 @@ impl Decoded {
         values: &[T],
         pool: &mut Pool,
     ) -> Decoded {
-        let range = |v: i64| OutError::Range(v.to_string());
+        // The same range check as the general path's (`int_datum`).
+        let wide = |v: T| i128::from(v.into());
         match target {
-            Scalar::Int2 => Decoded::each(
-                array,
-                values,
-                |v| {
-                    let v = v.into();
-                    i16::try_from(v)
-                        .map(pg_sys::Datum::from)
-                        .map_err(|_| range(v))
-                },
-                pool,
-            ),
-            Scalar::Int4 => Decoded::each(
-                array,
-                values,
-                |v| {
-                    let v = v.into();
-                    i32::try_from(v)
-                        .map(pg_sys::Datum::from)
-                        .map_err(|_| range(v))
-                },
-                pool,
-            ),
+            Scalar::Int2 => Decoded::each(array, values, |v| int_datum::<i16>(wide(v)), pool),
+            Scalar::Int4 => Decoded::each(array, values, |v| int_datum::<i32>(wide(v)), pool),
             _ => Decoded::each(array, values, |v| Ok(pg_sys::Datum::from(v.into())), pool),
         }
     }
