@@ -421,10 +421,9 @@ impl Prepared {
     }
 }
 
-/// Builds sandboxes of `language` for `uid` (held by `built_for`'s calls, if any) in the
-/// background until the uid has its `prepared` count. A failed build is logged and not
-/// retried until the next call.
-pub fn refill(daemon: &Arc<Daemon>, language: Language, uid: u32, built_for: Option<CallerKey>) {
+/// Builds sandboxes of `language` for `uid` in the background until the uid has its
+/// `prepared` count. A failed build is logged and not retried until the next call.
+pub fn refill(daemon: &Arc<Daemon>, language: Language, uid: u32) {
     let Some(rt) = daemon.config.runtimes.get(&language) else {
         return;
     };
@@ -438,24 +437,23 @@ pub fn refill(daemon: &Arc<Daemon>, language: Language, uid: u32, built_for: Opt
     };
     tracing::debug!(%language, uid, evicted = evicted.len(), "preparing a sandbox");
     // The sandbox shares the uid with the caller whose scripts ran as it last (and may
-    // run as it while the sandbox waits): it is bound to that caller. If the uid goes to
-    // another caller before it is parked, it has shared the uid with that one too and
-    // is discarded.
-    let (tenure, last) = daemon.pool.tenure(uid);
-    let built_for = last.or(built_for);
+    // run as it while the sandbox waits): it is bound to that caller (to none if the uid
+    // was never used). If the uid goes to another caller before it is parked, it has
+    // shared the uid with that one too and is discarded.
+    let (tenure, built_for) = daemon.pool.tenure(uid);
     let daemon = daemon.clone();
     tokio::spawn(async move {
         for b in evicted {
             discard(&daemon, b).await;
         }
-        match build(&daemon, language, uid, built_for.clone(), Uuid::new_v4()).await {
+        match build(&daemon, language, uid, built_for, Uuid::new_v4()).await {
             Ok(b) => {
                 let pool = &daemon.pool;
                 match daemon
                     .prepared
                     .finish(language, uid, b, || pool.tenure(uid).0 == tenure)
                 {
-                    Finished::Parked => refill(&daemon, language, uid, built_for),
+                    Finished::Parked => refill(&daemon, language, uid),
                     Finished::Stale(b) => {
                         tracing::info!(
                             call_id = b.call_id,

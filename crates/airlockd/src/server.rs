@@ -102,7 +102,7 @@ pub fn start_preparing(daemon: &Arc<Daemon>) {
             if warm {
                 let _ = tokio::time::timeout(WARM_WAIT, daemon.spawner.warm_reported()).await;
             }
-            prepared::refill(&daemon, language, uid, None);
+            prepared::refill(&daemon, language, uid);
         });
     }
 }
@@ -349,7 +349,7 @@ async fn execute(
     let uid = worker.uid;
     let refill_after = taken.is_some() && daemon.prepared.waiting(language, uid) > 0;
     if !refill_after {
-        prepared::refill(daemon, language, uid, Some(key.clone()));
+        prepared::refill(daemon, language, uid);
     }
     let session_id = taken.as_ref().map_or_else(Uuid::new_v4, |b| b.session_id);
     let span = tracing::info_span!("call", %session_id, uid = worker.uid);
@@ -366,7 +366,7 @@ async fn execute(
     .instrument(span)
     .await;
     if refill_after {
-        prepared::refill(daemon, language, uid, Some(key));
+        prepared::refill(daemon, language, uid);
     }
     ended
 }
