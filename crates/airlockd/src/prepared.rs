@@ -462,6 +462,8 @@ pub fn refill(daemon: &Arc<Daemon>, language: Language, uid: u32) {
                         );
                         discard(&daemon, b).await;
                         daemon.prepared.unclaim(language, uid);
+                        // For the uid's new holder: the uid keeps its count.
+                        refill(&daemon, language, uid);
                     }
                     Finished::Closed(late) => {
                         // The daemon is stopping: removed before the build counts as
